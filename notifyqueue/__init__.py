@@ -1,0 +1,49 @@
+"""Hold side effects until the SQLAlchemy transaction that caused them commits."""
+
+from __future__ import annotations
+
+import typing as t
+
+from . import signals
+from .channels import Channel
+from .decorators import deferred_notify
+from .errors import (
+    ArgumentTypeError,
+    ChannelNotFound,
+    ConfigurationError,
+    DeliveryError,
+    LifecycleError,
+    NotifyQueueError,
+    PayloadError,
+    TemplateError,
+)
+from .extension import NotifyQueue
+from .intent import BatchResult, Intent
+from .queue import enqueue, finalise
+
+__all__ = [
+    "ArgumentTypeError",
+    "BatchResult",
+    "Channel",
+    "ChannelNotFound",
+    "ConfigurationError",
+    "DeliveryError",
+    "Intent",
+    "LifecycleError",
+    "NotifyQueue",
+    "NotifyQueueError",
+    "PayloadError",
+    "TemplateError",
+    "deferred_notify",
+    "enqueue",
+    "finalise",
+    "signals",
+]
+
+
+def __getattr__(name: str) -> t.Any:
+    if name == "__version__":
+        from importlib.metadata import version
+
+        return version("notifyqueue")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

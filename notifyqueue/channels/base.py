@@ -1,0 +1,56 @@
+"""The :class:`Channel` base class that every channel derives from."""
+
+from __future__ import annotations
+
+import typing as t
+
+from ..templates import Template, compile_template
+
+if t.TYPE_CHECKING:
+    from flask import Flask
+
+    from ..intent import Intent
+
+
+class Channel:
+    """Delivers rendered intents somewhere once their transaction has committed.
+
+    The extension builds each configured channel once per app as
+    ``cls(name, **options)`` (the options without ``"type"``), then calls
+    :meth:`init_app`. A subclass takes its options as keyword-only parameters
+    of ``__init__``; an option it does not accept is a start-up error.
+
+    :param name: the channel's name in ``NOTIFYQUEUE_CHANNELS``.
+    """
+
+    test_template: t.ClassVar[t.Any] = "Test notification from notifyqueue (app {app})."
+    """What ``flask notifyqueue send-test`` renders; its context has ``app``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def init_app(self, app: Flask) -> None:
+        """Check what the channel needs from ``app``; raise ``ValueError`` if missing."""
+
+    def render(self, template: t.Any, context: t.Mapping[str, t.Any]) -> t.Any:
+        """Render ``template`` at queue time, inside the caller's transaction.
+
+        Raise ``ValueError`` here for anything invalid, so the caller sees it
+        before the commit. The base class renders a ``str`` template with
+        ``str.format`` semantics.
+        """
+        if not isinstance(template, Template):
+            template = compile_template(template)
+        return template.render(context)
+
+    def send(self, intents: t.Sequence[Intent]) -> None:
+        """Deliver one batch of intents, after the commit.
+
+        Return when every intent was delivered. Raise
+        :class:`~notifyqueue.DeliveryError` naming the intents that failed
+        (the others count as delivered); any other exception fails the batch.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement send().")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

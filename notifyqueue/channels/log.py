@@ -1,0 +1,84 @@
+"""The ``log`` channel: one log record per intent."""
+
+from __future__ import annotations
+
+import logging
+import typing as t
+
+from ..errors import DeliveryError, TemplateError
+from ..templates import Template, compile_template
+from .base import Channel
+
+if t.TYPE_CHECKING:
+    from flask import Flask
+
+    from ..intent import Intent
+
+
+class LogChannel(Channel):
+    """Write each intent as one log record.
+
+    CR and LF inside interpolated values are escaped as ``\\r`` and ``\\n``,
+    so a value cannot forge a second log line.
+
+    :param logger: the logger's name; default the app's logger.
+    :param level: a level name or number; default ``"INFO"``.
+    """
+
+    def __init__(
+        self, name: str, *, logger: str | None = None, level: str | int = "INFO"
+    ) -> None:
+        super().__init__(name)
+        if logger is not None and not isinstance(logger, str):
+            raise ValueError(f"option 'logger' must be a logger name, got {logger!r}.")
+        self.logger_name = logger
+        self.level = _level_number(level)
+        self._logger: logging.Logger | None = None
+
+    def init_app(self, app: Flask) -> None:
+        self._logger = (
+            logging.getLogger(self.logger_name) if self.logger_name else app.logger
+        )
+
+    def render(self, template: t.Any, context: t.Mapping[str, t.Any]) -> str:
+        if not isinstance(template, Template):
+            if not isinstance(template, str):
+                raise TemplateError(
+                    f"Channel {self.name!r} (log) takes a str template,"
+                    f" got {type(template).__name__} {template!r}."
+                )
+            template = compile_template(template)
+        return template.render_one_line(context)
+
+    def send(self, intents: t.Sequence[Intent]) -> None:
+        logger = self._logger
+        if logger is None:
+            raise RuntimeError(f"Channel {self.name!r} was not initialised on an app.")
+        failures: dict[str, BaseException] = {}
+        for intent in intents:
+            try:
+                # The payload is the whole message: with no args, logging
+                # does not %-format it, so a '%' in a value is harmless.
+                logger.log(
+                    self.level,
+                    intent.payload,
+                    extra={"notifyqueue_intent": intent.id},
+                )
+            except Exception as exc:
+                failures[intent.id] = exc
+        if failures:
+            raise DeliveryError(failures)
+
+
+def _level_number(level: str | int) -> int:
+    if isinstance(level, bool) or not isinstance(level, (str, int)):
+        raise ValueError(f"option 'level' must be a level name or number, got {level!r}.")
+    if isinstance(level, int):
+        return level
+    number = logging.getLevelName(level.upper())
+    if not isinstance(number, int):
+        raise ValueError(
+            f"option 'level' is {level!r}, which is not a logging level;"
+            " use DEBUG, INFO, WARNING, ERROR or CRITICAL."
+        )
+    return number

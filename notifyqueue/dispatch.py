@@ -1,0 +1,148 @@
+"""Delivering a committed batch: grouping, isolated receivers, the result."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import typing as t
+
+from flask import current_app
+
+from . import signals
+from .errors import DeliveryError
+from .intent import BatchResult, Intent
+
+if t.TYPE_CHECKING:
+    from blinker import NamedSignal
+    from flask import Flask
+
+    from .extension import _State
+
+logger = logging.getLogger("notifyqueue")
+
+
+def dispatch_committed(
+    app: Flask | None, intents: list[Intent], discarded: list[Intent]
+) -> BatchResult:
+    """Hand the intents of a committed transaction to their channels.
+
+    Runs once the root transaction has ended, so receivers may use the session
+    again. Every receiver is isolated: an ``Exception`` is logged and reported
+    per intent; ``KeyboardInterrupt`` and ``SystemExit`` propagate.
+
+    :raises DeliveryError: if ``NOTIFYQUEUE_STRICT`` is on and anything failed,
+        after the whole batch was dispatched.
+    """
+    result = BatchResult(committed=True, discarded=discarded)
+    if app is None or not intents:
+        return result
+    state: _State = app.extensions["notifyqueue"]
+    with _app_context(app):
+        send_isolated(signals.batch_committed, app, intents=list(intents))
+        captures = state.captures
+        record_only = any(not capture.dispatch for capture in captures)
+        for name, group in _groups(intents, state):
+            if record_only:
+                result.dispatched.extend(group)
+                for capture in captures:
+                    capture.intents.extend(group)
+            else:
+                _dispatch_group(app, state, name, group, result)
+    if state.strict and result.failed:
+        raise DeliveryError(
+            {intent.id: exc for intent, exc in result.failed}, result=result
+        )
+    return result
+
+
+def _groups(intents: list[Intent], state: _State) -> list[tuple[str, list[Intent]]]:
+    """Split a batch into channel batches, per ``NOTIFYQUEUE_ORDER``."""
+    if state.order == "call":
+        runs: list[tuple[str, list[Intent]]] = []
+        for intent in intents:
+            if runs and runs[-1][0] == intent.channel:
+                runs[-1][1].append(intent)
+            else:
+                runs.append((intent.channel, [intent]))
+        return runs
+    by_channel: dict[str, list[Intent]] = {}
+    for intent in intents:
+        by_channel.setdefault(intent.channel, []).append(intent)
+    return [(name, by_channel[name]) for name in state.channels if name in by_channel]
+
+
+def _dispatch_group(
+    app: Flask, state: _State, name: str, group: list[Intent], result: BatchResult
+) -> None:
+    failures: dict[str, BaseException] = {}
+    # A copy: a receiver may disconnect itself while we iterate.
+    for receiver in list(signals.dispatch.receivers_for(name)):
+        try:
+            receiver(name, app=app, intents=list(group))
+        except DeliveryError as exc:
+            for intent_id, error in exc.failures.items():
+                failures.setdefault(intent_id, error)
+        except Exception as exc:
+            for intent in group:
+                failures.setdefault(intent.id, exc)
+    for intent in group:
+        error = failures.get(intent.id)
+        if error is None:
+            result.dispatched.append(intent)
+            for capture in state.captures:
+                capture.intents.append(intent)
+            send_isolated(signals.intent_dispatched, app, intent=intent)
+        else:
+            result.failed.append((intent, error))
+            logger.error(
+                "Notification %s to channel %r (from %s) failed: %r",
+                intent.id,
+                name,
+                intent.source,
+                error,
+                exc_info=error,
+            )
+            send_isolated(signals.intent_failed, app, intent=intent, exception=error)
+
+
+def deliver_to_channel(sender: str, *, app: Flask, intents: list[Intent]) -> None:
+    """The ``dispatch`` receiver that hands a channel batch to its channel."""
+    channel = app.extensions["notifyqueue"].channels.get(sender)
+    if channel is not None:
+        channel.send(intents)
+
+
+signals.dispatch.connect(deliver_to_channel, weak=False)
+
+
+def send_isolated(signal: NamedSignal, sender: t.Any, **kwargs: t.Any) -> None:
+    """Send ``signal`` so that a receiver that raises stops no other.
+
+    Used for everything sent after a commit or during a rollback, where an
+    exception would escape from SQLAlchemy's ``commit()``/``rollback()``.
+    """
+    if not signal.receivers:
+        return
+    for receiver in list(signal.receivers_for(sender)):
+        try:
+            receiver(sender, **kwargs)
+        except Exception:
+            logger.exception(
+                "Receiver %r of signal %r raised; the other receivers still ran.",
+                receiver,
+                signal.name,
+            )
+
+
+@contextlib.contextmanager
+def _app_context(app: Flask) -> t.Iterator[None]:
+    """Make ``app`` current, pushing a context only if it is not already."""
+    try:
+        current = current_app._get_current_object()  # type: ignore[attr-defined]
+    except RuntimeError:
+        current = None
+    if current is app:
+        yield
+    else:
+        with app.app_context():
+            yield

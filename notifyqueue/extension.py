@@ -1,0 +1,196 @@
+"""The Flask extension object and the per-app state it keeps in ``app.extensions``."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing as t
+
+from flask import Flask, current_app
+from sqlalchemy.orm import scoped_session
+
+from .channels import Channel, resolve_channel_class
+from .errors import ArgumentTypeError, ConfigurationError, LifecycleError
+from .intent import Intent
+from .transaction import discard_pending, watch
+
+_EXTENSION_KEY = "notifyqueue"
+_ORDERS = ("channel", "call")
+_CONFIG_KEYS = ("NOTIFYQUEUE_CHANNELS", "NOTIFYQUEUE_ORDER", "NOTIFYQUEUE_STRICT")
+
+
+@dataclasses.dataclass
+class _Capture:
+    """One active :func:`notifyqueue.testing.capture` block."""
+
+    intents: list[Intent]
+    dispatch: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _State:
+    """What NotifyQueue keeps for one app, read from its config in ``init_app``."""
+
+    session: scoped_session[t.Any]
+    channels: dict[str, Channel]
+    """Configured channels, in dispatch order."""
+    options: dict[str, dict[str, t.Any]]
+    """Each channel's options as configured (for the CLI)."""
+    order: str
+    strict: bool
+    captures: list[_Capture] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, app: Flask, session: scoped_session[t.Any]) -> _State:
+        config = app.config
+        unknown = [
+            key
+            for key in config
+            if key.startswith("NOTIFYQUEUE_") and key not in _CONFIG_KEYS
+        ]
+        if unknown:
+            raise ConfigurationError(
+                f"Unknown config key(s) {', '.join(sorted(unknown))}; notifyqueue"
+                f" reads {', '.join(_CONFIG_KEYS)}. Check the spelling."
+            )
+        order = config["NOTIFYQUEUE_ORDER"]
+        if order not in _ORDERS:
+            raise ConfigurationError(
+                f"NOTIFYQUEUE_ORDER is {order!r}; use 'channel' or 'call'."
+            )
+        strict = config["NOTIFYQUEUE_STRICT"]
+        if not isinstance(strict, bool):
+            raise ConfigurationError(
+                f"NOTIFYQUEUE_STRICT is {strict!r}; use True or False."
+            )
+        configured = config["NOTIFYQUEUE_CHANNELS"]
+        if not isinstance(configured, t.Mapping) or not configured:
+            raise ConfigurationError(
+                "NOTIFYQUEUE_CHANNELS must be a non-empty dict of channel name ->"
+                f" options, for example {{'log': {{'type': 'log'}}}}; got {configured!r}."
+            )
+        channels: dict[str, Channel] = {}
+        options: dict[str, dict[str, t.Any]] = {}
+        for name, channel_options in configured.items():
+            channels[name] = _build_channel(app, name, channel_options)
+            options[name] = dict(channel_options)
+        return cls(session, channels, options, order, strict)
+
+
+def _build_channel(app: Flask, name: t.Any, options: t.Any) -> Channel:
+    where = f"NOTIFYQUEUE_CHANNELS[{name!r}]"
+    if not isinstance(name, str) or not name.isidentifier() or name == "notify":
+        raise ConfigurationError(
+            f"{where}: a channel name must be a Python identifier other than"
+            " 'notify' (it is a keyword of @deferred_notify)."
+        )
+    if not isinstance(options, t.Mapping) or "type" not in options:
+        raise ConfigurationError(
+            f"{where} must be a dict with a 'type', for example {{'type': 'log'}};"
+            f" got {options!r}."
+        )
+    cls = resolve_channel_class(options["type"], f"{where}['type']")
+    kwargs = {key: value for key, value in options.items() if key != "type"}
+    signature = inspect.signature(cls)
+    try:
+        signature.bind(name, **kwargs)
+    except TypeError as exc:
+        accepted = [p for p in list(signature.parameters)[1:] if p != "kwargs"]
+        raise ConfigurationError(
+            f"{where}: {exc}. Channel type {options['type']!r} takes the options"
+            f" {', '.join(accepted) or '(none)'}."
+        ) from exc
+    try:
+        channel = cls(name, **kwargs)
+        channel.init_app(app)
+    except ValueError as exc:
+        raise ConfigurationError(f"{where}: {exc}") from exc
+    return channel
+
+
+class NotifyQueue:
+    """Hold notifications until the SQLAlchemy transaction that caused them commits.
+
+    :param app: initialise on this app now; or call :meth:`init_app` later.
+    :param session: the ``scoped_session`` whose transactions to follow;
+        default Flask-SQLAlchemy's ``db.session`` of the app.
+    """
+
+    def __init__(
+        self, app: Flask | None = None, *, session: scoped_session[t.Any] | None = None
+    ) -> None:
+        self._session = session
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(
+        self, app: Flask, *, session: scoped_session[t.Any] | None = None
+    ) -> None:
+        """Read and check the config, build the channels, follow the session.
+
+        Everything is checked before anything is registered, so a failure
+        leaves the app as it was.
+
+        :raises ConfigurationError: a config value or channel option is invalid.
+        :raises LifecycleError: already initialised, or no session to follow.
+        """
+        if _EXTENSION_KEY in app.extensions:
+            raise LifecycleError("NotifyQueue is already initialised on this app.")
+        session = session or self._session or _flask_sqlalchemy_session(app)
+        if not isinstance(session, scoped_session):
+            raise ArgumentTypeError(
+                f"session must be a sqlalchemy.orm.scoped_session (Flask-SQLAlchemy's"
+                f" db.session is one), got {type(session).__name__} {session!r}."
+            )
+        app.config.setdefault("NOTIFYQUEUE_CHANNELS", {"log": {"type": "log"}})
+        app.config.setdefault("NOTIFYQUEUE_ORDER", "channel")
+        app.config.setdefault("NOTIFYQUEUE_STRICT", False)
+        state = _State.from_config(app, session)
+        watch(session)
+        app.extensions[_EXTENSION_KEY] = state
+        app.teardown_appcontext(_teardown)
+
+        from .cli import cli
+
+        app.cli.add_command(cli)
+
+
+def _flask_sqlalchemy_session(app: Flask) -> scoped_session[t.Any]:
+    db = app.extensions.get("sqlalchemy")
+    if db is None:
+        raise LifecycleError(
+            "NotifyQueue needs a session to follow: initialise Flask-SQLAlchemy on"
+            " the app first (db.init_app(app) before notify.init_app(app)), or pass"
+            " init_app(app, session=your_scoped_session)."
+        )
+    return t.cast("scoped_session[t.Any]", db.session)
+
+
+def _teardown(exc: BaseException | None) -> None:
+    """Discard what the ending app context queued but did not commit."""
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    registry = app.extensions[_EXTENSION_KEY].session.registry
+    if registry.has():
+        discard_pending(registry(), "teardown", app)
+
+
+def get_state(app: Flask | None = None) -> tuple[Flask, _State]:
+    """Return the app (the current one by default) and its NotifyQueue state.
+
+    :raises LifecycleError: outside an app context, or before ``init_app``.
+    """
+    if app is None:
+        try:
+            app = t.cast("Flask", current_app._get_current_object())  # type: ignore[attr-defined]
+        except RuntimeError:
+            raise LifecycleError(
+                "notifyqueue needs an application context: call it inside a request,"
+                " a CLI command, or `with app.app_context():`."
+            ) from None
+    try:
+        return app, app.extensions[_EXTENSION_KEY]
+    except KeyError:
+        raise LifecycleError(
+            f"NotifyQueue is not initialised on app {app.name!r}. Did you call"
+            " init_app?"
+        ) from None

@@ -1,0 +1,95 @@
+"""Queueing intents and ending batches: :func:`enqueue` and :func:`finalise`."""
+
+from __future__ import annotations
+
+import typing as t
+
+from . import signals
+from .errors import ChannelNotFound, DeliveryError
+from .extension import _State, get_state
+from .intent import BatchResult, Intent
+from .transaction import add_intents, current_batch, discard_pending
+
+if t.TYPE_CHECKING:
+    from flask import Flask
+
+
+def queue_rendered(
+    app: Flask,
+    state: _State,
+    templates: t.Iterable[tuple[str, t.Any]],
+    context: t.Mapping[str, t.Any],
+    source: str,
+) -> list[Intent]:
+    """Render each ``(channel, template)`` and add the intents to the session's batch.
+
+    All are rendered before any is queued, so a rendering error queues none.
+    """
+    channels = state.channels
+    intents = [
+        Intent.new(name, channels[name].render(template, context), source)
+        for name, template in templates
+    ]
+    session = state.session()
+    if signals.intent_queued.receivers:
+        for intent in intents:
+            signals.intent_queued.send(app, intent=intent)
+    add_intents(session, app, intents)
+    return intents
+
+
+def enqueue(channel: str, template: t.Any, /, **context: t.Any) -> Intent:
+    """Queue one intent from code that is not decorated.
+
+    It joins the session's current transaction (or the next one it begins),
+    and is dispatched when that commits.
+
+    :param channel: a configured channel's name.
+    :param template: the channel's template (a ``str`` for ``log``; a dict
+        with ``subject`` and ``body`` for ``mail``).
+    :param context: the values the template's fields name.
+    :raises ChannelNotFound: the channel is not configured.
+    :raises TemplateError: the template is invalid or a field has no value.
+    :raises LifecycleError: no app context, or NotifyQueue not initialised.
+    """
+    app, state = get_state()
+    if channel not in state.channels:
+        raise ChannelNotFound(
+            f"Unknown channel {channel!r}; configured channels:"
+            f" {', '.join(state.channels)}. Add it to NOTIFYQUEUE_CHANNELS."
+        )
+    return queue_rendered(app, state, ((channel, template),), context, "enqueue")[0]
+
+
+def finalise(commit: bool = True) -> BatchResult:
+    """End the current batch.
+
+    ``commit=True`` commits the session; once the commit has succeeded the
+    batch is dispatched and its result returned. If the commit raises, the
+    session is rolled back, the batch discarded, and the error re-raised.
+    ``commit=False`` rolls the session back and discards the batch.
+
+    :raises DeliveryError: with ``NOTIFYQUEUE_STRICT``, if anything failed to
+        dispatch (the data is committed).
+    """
+    app, state = get_state()
+    session = state.session()
+    batch = current_batch(session)
+    if not commit:
+        session.rollback()
+        # A batch queued before any transaction began is not ended by rollback().
+        discard_pending(session, "rollback", app)
+        if batch is None or batch.result is None:
+            return BatchResult(committed=False)
+        return batch.result
+    try:
+        session.commit()
+    except DeliveryError:
+        raise  # strict mode: the commit succeeded, delivery did not
+    except Exception:
+        session.rollback()
+        discard_pending(session, "commit failed", app)
+        raise
+    if batch is None or batch.result is None:
+        return BatchResult(committed=True)
+    return batch.result

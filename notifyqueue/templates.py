@@ -1,0 +1,178 @@
+"""Format-string templates: checked once when compiled, rendered cheaply after."""
+
+from __future__ import annotations
+
+import functools
+import string
+import typing as t
+
+from _string import formatter_field_name_split
+
+from .errors import TemplateError
+
+_formatter = string.Formatter()
+_CONVERSIONS = (None, "r", "s", "a")
+
+
+class Template(str):
+    """A ``str.format`` template whose fields were checked when it was made.
+
+    It is a ``str``, so a channel that wants the raw text has it; :meth:`render`
+    uses the C ``str.format_map``, which is safe here because :func:`compile_template`
+    refused every ``_``-prefixed attribute or key.
+    """
+
+    fields: frozenset[str]
+    """The top-level names the template reads from its context."""
+
+    _parsed: list[tuple[str, str | None, str, str | None]]
+    _line_breaks: int
+
+    def render(self, context: t.Mapping[str, t.Any]) -> str:
+        """Fill the template from ``context``.
+
+        :raises TemplateError: if a field has no value or cannot be formatted.
+        """
+        try:
+            return self.format_map(context)
+        except (KeyError, AttributeError, IndexError, TypeError, ValueError) as exc:
+            raise TemplateError(
+                f"Cannot render template {str(self)!r}: {type(exc).__name__}: {exc}."
+                " Check that the context has every field the template names."
+            ) from exc
+
+    def render_one_line(self, context: t.Mapping[str, t.Any]) -> str:
+        """Like :meth:`render`, but CR and LF inside values become ``\\r``/``\\n``.
+
+        Literal line breaks in the template itself are kept.
+        """
+        text = self.render(context)
+        # Fast path: no value brought a line break, so nothing needs escaping.
+        if text.count("\n") + text.count("\r") == self._line_breaks:
+            return text
+        parts = []
+        for literal, field_name, spec, conversion in self._parsed:
+            parts.append(literal)
+            if field_name is not None:
+                value, _ = _formatter.get_field(field_name, (), context)
+                value = _formatter.convert_field(value, conversion)
+                formatted = format(value, spec)
+                parts.append(formatted.replace("\r", "\\r").replace("\n", "\\n"))
+        return "".join(parts)
+
+
+@functools.lru_cache(maxsize=512)
+def compile_template(text: str) -> Template:
+    """Check ``text`` and return it as a :class:`Template`.
+
+    Refused: syntax errors, positional fields (``{}``, ``{0}``), attributes or
+    keys that start with ``_`` (they reach interpreter internals such as
+    ``{obj.__class__.__init__.__globals__}``), nested fields in a format spec,
+    and unknown conversions.
+
+    :raises TemplateError: naming the template and the problem.
+    """
+    if not isinstance(text, str):
+        raise TemplateError(
+            f"A template must be a str, got {type(text).__name__} {text!r}."
+        )
+    try:
+        parsed = list(_formatter.parse(text))
+    except ValueError as exc:
+        raise TemplateError(f"Template {text!r} has a syntax error: {exc}.") from exc
+    fields = set()
+    line_breaks = 0
+    for literal, field_name, spec, conversion in parsed:
+        line_breaks += literal.count("\n") + literal.count("\r")
+        if field_name is None:
+            continue
+        fields.add(_check_field(text, field_name))
+        if spec and "{" in spec:
+            raise TemplateError(
+                f"Template {text!r}: nested fields in a format spec ({spec!r})"
+                " are not supported; write the spec literally."
+            )
+        if conversion not in _CONVERSIONS:
+            raise TemplateError(
+                f"Template {text!r}: unknown conversion '!{conversion}'; use !r, !s or !a."
+            )
+    template = Template(text)
+    template.fields = frozenset(fields)
+    template._parsed = parsed
+    template._line_breaks = line_breaks
+    return template
+
+
+def _check_field(text: str, field_name: str) -> str:
+    """Return the top-level name of ``field_name``, or raise if it is unsafe."""
+    try:
+        first, rest = formatter_field_name_split(field_name)
+        lookups = list(rest)
+    except ValueError as exc:
+        raise TemplateError(
+            f"Template {text!r}: field {{{field_name}}} is malformed: {exc}."
+        ) from exc
+    if isinstance(first, int) or first == "":
+        raise TemplateError(
+            f"Template {text!r}: positional field {{{field_name}}} is not supported;"
+            " name a parameter, for example {froggy.id}."
+        )
+    for _is_attribute, key in lookups:
+        if isinstance(key, str) and key.startswith("_"):
+            raise TemplateError(
+                f"Template {text!r}: field {{{field_name}}} reads {key!r};"
+                " attributes and keys that start with '_' are refused."
+            )
+    return first
+
+
+def compile_templates(value: t.Any, where: str) -> t.Any:
+    """Compile a channel template given to a decorator.
+
+    A ``str`` becomes a :class:`Template`. A dict (the mail channel's shape)
+    gets each ``str`` value compiled; list values (such as ``recipients``)
+    must hold only strings and are kept as plain lists.
+
+    :param where: names the template in error messages.
+    """
+    if isinstance(value, str):
+        return _compile_in(value, where)
+    if isinstance(value, t.Mapping):
+        compiled: dict[str, t.Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TemplateError(f"{where}: keys must be strings, got {key!r}.")
+            if isinstance(item, str):
+                compiled[key] = _compile_in(item, f"{where}[{key!r}]")
+            elif isinstance(item, (list, tuple)) and all(
+                isinstance(entry, str) for entry in item
+            ):
+                compiled[key] = list(item)
+            else:
+                raise TemplateError(
+                    f"{where}[{key!r}] must be a str template or a list of strings,"
+                    f" got {type(item).__name__} {item!r}."
+                )
+        return compiled
+    raise TemplateError(
+        f"{where} must be a str template or a dict of templates,"
+        f" got {type(value).__name__} {value!r}."
+    )
+
+
+def template_fields(value: t.Any) -> frozenset[str]:
+    """Return the top-level field names a compiled template reads."""
+    if isinstance(value, Template):
+        return value.fields
+    if isinstance(value, dict):
+        return frozenset().union(
+            *(item.fields for item in value.values() if isinstance(item, Template))
+        )
+    return frozenset()
+
+
+def _compile_in(text: str, where: str) -> Template:
+    try:
+        return compile_template(text)
+    except TemplateError as exc:
+        raise TemplateError(f"{where}: {exc}") from exc

@@ -1,0 +1,169 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import typing as t
+from dataclasses import dataclass, field
+
+import pytest
+from flask import Flask
+from flask_mail import Mail
+
+from notifyqueue import NotifyQueue
+
+from .helpers import RecordingChannel, db
+
+POSTGRES_URL = os.environ.get(
+    "NOTIFYQUEUE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REQUIRE_SERVICES = os.environ.get("NOTIFYQUEUE_REQUIRE_SERVICES") == "1"
+
+_postgres_error: list[str | None] = []
+
+
+def _postgres_unreachable() -> str | None:
+    """Why PostgreSQL cannot be used, or None; checked once per run."""
+    if not _postgres_error:
+        import sqlalchemy as sa
+
+        try:
+            engine = sa.create_engine(POSTGRES_URL)
+            with engine.connect() as connection:
+                connection.execute(sa.text("SELECT 1"))
+            engine.dispose()
+            _postgres_error.append(None)
+        except Exception as exc:  # any failure means: not usable here
+            _postgres_error.append(f"PostgreSQL at {POSTGRES_URL} unreachable: {exc}")
+    return _postgres_error[0]
+
+
+def require_postgres() -> str:
+    reason = _postgres_unreachable()
+    if reason is not None:
+        if REQUIRE_SERVICES:
+            pytest.fail(f"{reason} (NOTIFYQUEUE_REQUIRE_SERVICES=1)")
+        pytest.skip(reason)
+    return POSTGRES_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: t.Any) -> str:
+    """A fresh database: a SQLite file, or the machine's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'test.db'}"
+    return require_postgres()
+
+
+@pytest.fixture
+def make_app(database_url: str) -> t.Iterator[t.Callable[..., Flask]]:
+    """Build an app with Flask-SQLAlchemy, Flask-Mail and NotifyQueue.
+
+    Keyword arguments become config; the default channels are ``log`` and a
+    :class:`RecordingChannel` named ``rec``.
+    """
+    apps: list[Flask] = []
+
+    def factory(init: bool = True, **config: t.Any) -> Flask:
+        app = Flask(f"test_app_{len(apps)}")
+        app.config.update(
+            TESTING=True,
+            SQLALCHEMY_DATABASE_URI=database_url,
+            MAIL_DEFAULT_SENDER="notify@example.com",
+            NOTIFYQUEUE_CHANNELS={
+                "log": {"type": "log"},
+                "rec": {"type": "tests.helpers:RecordingChannel"},
+            },
+        )
+        app.config.update(config)
+        db.init_app(app)
+        Mail(app)
+        if init:
+            NotifyQueue(app)
+        with app.app_context():
+            db.drop_all()
+            db.create_all()
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        with app.app_context():
+            db.session.remove()
+            for engine in db.engines.values():
+                engine.dispose()
+
+
+@pytest.fixture
+def app(make_app: t.Callable[..., Flask]) -> Flask:
+    return make_app()
+
+
+@pytest.fixture
+def rec(app: Flask) -> RecordingChannel:
+    """The app's recording channel."""
+    channel = app.extensions["notifyqueue"].channels["rec"]
+    assert isinstance(channel, RecordingChannel)
+    return channel
+
+
+@pytest.fixture
+def ctx(app: Flask) -> t.Iterator[None]:
+    with app.app_context():
+        yield
+
+
+@dataclass
+class SMTPServer:
+    """A real SMTP server (aiosmtpd) on a free loopback port."""
+
+    host: str
+    port: int
+    messages: list[t.Any] = field(default_factory=list)
+    refuse: set[str] = field(default_factory=set)
+
+    def config(self) -> dict[str, t.Any]:
+        return {
+            "MAIL_SERVER": self.host,
+            "MAIL_PORT": self.port,
+            "MAIL_SUPPRESS_SEND": False,
+        }
+
+
+class _Handler:
+    def __init__(self, server: SMTPServer) -> None:
+        self.server = server
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # type: ignore[no-untyped-def]
+        if address in self.server.refuse:
+            return "550 5.1.1 mailbox unavailable"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        from email import message_from_bytes, policy
+
+        self.server.messages.append(message_from_bytes(envelope.content, policy=policy.default))
+        return "250 Message accepted for delivery"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def smtp_server() -> t.Iterator[SMTPServer]:
+    from aiosmtpd.controller import Controller
+
+    server = SMTPServer("127.0.0.1", free_port())
+    controller = Controller(
+        _Handler(server), hostname=server.host, port=server.port, loop=asyncio.new_event_loop()
+    )
+    controller.start()
+    try:
+        yield server
+    finally:
+        controller.stop()
+        controller.loop.close()

@@ -1,0 +1,54 @@
+"""Test-only channels and models, importable as ``tests.helpers:...`` paths."""
+
+from __future__ import annotations
+
+import typing as t
+
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.orm import Mapped, mapped_column
+
+from notifyqueue import Channel, DeliveryError, Intent
+
+db = SQLAlchemy()
+
+
+class Item(db.Model):  # type: ignore[name-defined,misc]
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(unique=True)
+
+
+class RecordingChannel(Channel):
+    """Keeps each batch it is sent; can be told to fail, to exercise isolation.
+
+    :param fail_on: intents whose payload contains this fail alone.
+    :param crash: every batch raises ``RuntimeError``.
+    """
+
+    def __init__(self, name: str, *, fail_on: str | None = None, crash: bool = False):
+        super().__init__(name)
+        self.fail_on = fail_on
+        self.crash = crash
+        self.batches: list[list[Intent]] = []
+
+    @property
+    def sent(self) -> list[t.Any]:
+        return [intent.payload for batch in self.batches for intent in batch]
+
+    def send(self, intents: t.Sequence[Intent]) -> None:
+        if self.crash:
+            raise RuntimeError(f"channel {self.name} is down")
+        failures: dict[str, BaseException] = {}
+        delivered = []
+        for intent in intents:
+            if self.fail_on is not None and self.fail_on in str(intent.payload):
+                failures[intent.id] = ValueError(f"refused {intent.payload!r}")
+            else:
+                delivered.append(intent)
+        self.batches.append(delivered)
+        if failures:
+            raise DeliveryError(failures)
+
+
+class NotAChannel:
+    def __init__(self, name: str) -> None:
+        self.name = name
