@@ -6,7 +6,12 @@ import functools
 import inspect
 import typing as t
 
-from .errors import ArgumentTypeError, ChannelNotFound, ConfigurationError, TemplateError
+from .errors import (
+    ArgumentTypeError,
+    ChannelNotFound,
+    ConfigurationError,
+    TemplateError,
+)
 from .extension import get_state
 from .queue import queue_rendered
 from .templates import compile_templates, template_fields
@@ -16,7 +21,9 @@ F = t.TypeVar("F", bound=t.Callable[..., t.Any])
 _MISSING: t.Any = object()
 
 # How a template field gets its value from a call (see _Plan).
-_POSITIONAL, _POSITIONAL_ONLY, _KEYWORD, _VAR_POSITIONAL, _VAR_KEYWORD, _EXTRA = range(6)
+_POSITIONAL, _POSITIONAL_ONLY, _KEYWORD, _VAR_POSITIONAL, _VAR_KEYWORD, _EXTRA = range(
+    6
+)
 
 
 class _Plan:
@@ -157,7 +164,8 @@ def deferred_notify(**templates: t.Any) -> t.Callable[[F], F]:
         def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
             notify = kwargs.pop("notify", True)
             selected = (
-                every if notify is True or notify is None
+                every
+                if notify is True or notify is None
                 else _select(compiled, notify, source)
             )
             if not selected:

@@ -86,23 +86,23 @@ def _dispatch_group(
             for intent in group:
                 failures.setdefault(intent.id, exc)
     for intent in group:
-        error = failures.get(intent.id)
-        if error is None:
+        failure = failures.get(intent.id)
+        if failure is None:
             result.dispatched.append(intent)
             for capture in state.captures:
                 capture.intents.append(intent)
             send_isolated(signals.intent_dispatched, app, intent=intent)
         else:
-            result.failed.append((intent, error))
+            result.failed.append((intent, failure))
             logger.error(
                 "Notification %s to channel %r (from %s) failed: %r",
                 intent.id,
                 name,
                 intent.source,
-                error,
-                exc_info=error,
+                failure,
+                exc_info=failure,
             )
-            send_isolated(signals.intent_failed, app, intent=intent, exception=error)
+            send_isolated(signals.intent_failed, app, intent=intent, exception=failure)
 
 
 def deliver_to_channel(sender: str, *, app: Flask, intents: list[Intent]) -> None:

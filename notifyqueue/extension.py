@@ -67,7 +67,8 @@ class _State:
         if not isinstance(configured, t.Mapping) or not configured:
             raise ConfigurationError(
                 "NOTIFYQUEUE_CHANNELS must be a non-empty dict of channel name ->"
-                f" options, for example {{'log': {{'type': 'log'}}}}; got {configured!r}."
+                " options, for example {'log': {'type': 'log'}};"
+                f" got {configured!r}."
             )
         channels: dict[str, Channel] = {}
         options: dict[str, dict[str, t.Any]] = {}

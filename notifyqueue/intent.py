@@ -1,4 +1,4 @@
-"""The values that travel through the queue: :class:`Intent` and :class:`BatchResult`."""
+"""What travels through the queue: :class:`Intent` and :class:`BatchResult`."""
 
 from __future__ import annotations
 
@@ -66,10 +66,13 @@ class Intent:
                 created_at,
             )
         except KeyError as exc:
-            raise ValueError(f"Intent.from_dict() needs the key {exc.args[0]!r}.") from exc
+            raise ValueError(
+                f"Intent.from_dict() needs the key {exc.args[0]!r}."
+            ) from exc
         if created_at.tzinfo is None:
             raise ValueError(
-                f"Intent.from_dict() needs an aware created_at, got {data['created_at']!r}."
+                "Intent.from_dict() needs an aware created_at,"
+                f" got {data['created_at']!r}."
             )
         return intent
 
@@ -88,9 +91,7 @@ class BatchResult:
 
     committed: bool
     dispatched: list[Intent] = dataclasses.field(default_factory=list)
-    failed: list[tuple[Intent, BaseException]] = dataclasses.field(
-        default_factory=list
-    )
+    failed: list[tuple[Intent, BaseException]] = dataclasses.field(default_factory=list)
     discarded: list[Intent] = dataclasses.field(default_factory=list)
 
     @property

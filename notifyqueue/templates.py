@@ -5,8 +5,7 @@ from __future__ import annotations
 import functools
 import string
 import typing as t
-
-from _string import formatter_field_name_split
+from _string import formatter_field_name_split  # type: ignore[import-not-found]
 
 from .errors import TemplateError
 
@@ -25,7 +24,7 @@ class Template(str):
     fields: frozenset[str]
     """The top-level names the template reads from its context."""
 
-    _parsed: list[tuple[str, str | None, str, str | None]]
+    _parsed: list[tuple[str, str | None, str | None, str | None]]
     _line_breaks: int
 
     def render(self, context: t.Mapping[str, t.Any]) -> str:
@@ -56,7 +55,7 @@ class Template(str):
             if field_name is not None:
                 value, _ = _formatter.get_field(field_name, (), context)
                 value = _formatter.convert_field(value, conversion)
-                formatted = format(value, spec)
+                formatted = format(value, spec or "")
                 parts.append(formatted.replace("\r", "\\r").replace("\n", "\\n"))
         return "".join(parts)
 
@@ -94,7 +93,8 @@ def compile_template(text: str) -> Template:
             )
         if conversion not in _CONVERSIONS:
             raise TemplateError(
-                f"Template {text!r}: unknown conversion '!{conversion}'; use !r, !s or !a."
+                f"Template {text!r}: unknown conversion '!{conversion}';"
+                " use !r, !s or !a."
             )
     template = Template(text)
     template.fields = frozenset(fields)
@@ -123,7 +123,7 @@ def _check_field(text: str, field_name: str) -> str:
                 f"Template {text!r}: field {{{field_name}}} reads {key!r};"
                 " attributes and keys that start with '_' are refused."
             )
-    return first
+    return str(first)
 
 
 def compile_templates(value: t.Any, where: str) -> t.Any:

@@ -60,7 +60,16 @@ class _Batch:
 
 
 def add_intents(session: Session, app: Flask, intents: list[Intent]) -> None:
-    """Append rendered intents to the session's batch, creating it if needed."""
+    """Append rendered intents to the session's batch, creating it if needed.
+
+    Like ``session.add()``, queueing begins the session's transaction if none
+    is in progress (no connection is taken until SQL runs), so a rollback,
+    ``close()`` or ``remove()`` that follows ends the batch with it. A session
+    with ``autobegin=False`` is left alone: its intents wait for the
+    transaction it begins next.
+    """
+    if session.autobegin and not session.in_transaction():
+        session.begin()
     batch = session.info.get(_KEY)
     if batch is None:
         batch = session.info[_KEY] = _Batch(app)
@@ -83,7 +92,7 @@ def current_batch(session: Session) -> _Batch | None:
 def discard_pending(session: Session, reason: str, app: Flask) -> BatchResult | None:
     """End the session's batch of ``app`` without dispatch, whatever its
     transaction does next."""
-    batch = session.info.get(_KEY)
+    batch: _Batch | None = session.info.get(_KEY)
     if batch is None or batch.app not in (None, app):
         return None
     del session.info[_KEY]
@@ -178,7 +187,10 @@ def _discard(batch: _Batch, reason: str) -> None:
     )
     if batch.intents and batch.app is not None:
         send_isolated(
-            signals.batch_discarded, batch.app, intents=list(batch.intents), reason=reason
+            signals.batch_discarded,
+            batch.app,
+            intents=list(batch.intents),
+            reason=reason,
         )
 
 

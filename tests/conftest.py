@@ -39,12 +39,40 @@ def _postgres_unreachable() -> str | None:
 
 
 def require_postgres() -> str:
+    """The URL of this run's own schema on PostgreSQL, or skip (or fail) the test.
+
+    Each pytest process works in a schema of its own, so concurrent runs on
+    one server do not drop each other's tables.
+    """
     reason = _postgres_unreachable()
     if reason is not None:
         if REQUIRE_SERVICES:
             pytest.fail(f"{reason} (NOTIFYQUEUE_REQUIRE_SERVICES=1)")
         pytest.skip(reason)
-    return POSTGRES_URL
+    return f"{POSTGRES_URL}?options=-csearch_path%3D{_SCHEMA}"
+
+
+_SCHEMA = f"notifyqueue_test_{os.getpid()}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _postgres_schema() -> t.Iterator[None]:
+    """Create this run's PostgreSQL schema if the server is there; drop it after."""
+    if _postgres_unreachable() is not None:
+        yield
+        return
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(POSTGRES_URL)
+    with engine.begin() as connection:
+        connection.execute(sa.text(f"DROP SCHEMA IF EXISTS {_SCHEMA} CASCADE"))
+        connection.execute(sa.text(f"CREATE SCHEMA {_SCHEMA}"))
+    try:
+        yield
+    finally:
+        with engine.begin() as connection:
+            connection.execute(sa.text(f"DROP SCHEMA IF EXISTS {_SCHEMA} CASCADE"))
+        engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

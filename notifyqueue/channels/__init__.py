@@ -73,7 +73,9 @@ def _import_path(path: str, where: str, extra: str | None) -> t.Any:
 def _load_entry_point(name: str, where: str) -> t.Any:
     found = entry_points(group=ENTRY_POINT_GROUP, name=name)
     if not found:
-        available = sorted({"log", "mail"} | set(entry_points(group=ENTRY_POINT_GROUP).names))
+        available = sorted(
+            {"log", "mail"} | set(entry_points(group=ENTRY_POINT_GROUP).names)
+        )
         raise ConfigurationError(
             f"{where} is {name!r}, which is no channel type. Known types:"
             f" {', '.join(available)}; or give an import path 'package.module:Class'."

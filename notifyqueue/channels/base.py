@@ -30,7 +30,7 @@ class Channel:
         self.name = name
 
     def init_app(self, app: Flask) -> None:
-        """Check what the channel needs from ``app``; raise ``ValueError`` if missing."""
+        """Check what the channel needs from ``app``; raise ``ValueError`` if not."""
 
     def render(self, template: t.Any, context: t.Mapping[str, t.Any]) -> t.Any:
         """Render ``template`` at queue time, inside the caller's transaction.

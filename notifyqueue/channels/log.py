@@ -41,14 +41,14 @@ class LogChannel(Channel):
         )
 
     def render(self, template: t.Any, context: t.Mapping[str, t.Any]) -> str:
-        if not isinstance(template, Template):
-            if not isinstance(template, str):
-                raise TemplateError(
-                    f"Channel {self.name!r} (log) takes a str template,"
-                    f" got {type(template).__name__} {template!r}."
-                )
-            template = compile_template(template)
-        return template.render_one_line(context)
+        if isinstance(template, Template):
+            return template.render_one_line(context)
+        if not isinstance(template, str):
+            raise TemplateError(
+                f"Channel {self.name!r} (log) takes a str template,"
+                f" got {type(template).__name__} {template!r}."
+            )
+        return compile_template(template).render_one_line(context)
 
     def send(self, intents: t.Sequence[Intent]) -> None:
         logger = self._logger
@@ -72,7 +72,9 @@ class LogChannel(Channel):
 
 def _level_number(level: str | int) -> int:
     if isinstance(level, bool) or not isinstance(level, (str, int)):
-        raise ValueError(f"option 'level' must be a level name or number, got {level!r}.")
+        raise ValueError(
+            f"option 'level' must be a level name or number, got {level!r}."
+        )
     if isinstance(level, int):
         return level
     number = logging.getLevelName(level.upper())

@@ -68,7 +68,8 @@ class MailChannel(Channel):
             or not timeout > 0
         ):
             raise ValueError(
-                f"option 'timeout' must be a positive number of seconds, got {timeout!r}."
+                "option 'timeout' must be a positive number of seconds,"
+                f" got {timeout!r}."
             )
         self.timeout = float(timeout)
         self._sender: str | None = None
@@ -209,9 +210,10 @@ def _message(intent: Intent) -> Message:
 
 
 def _render(template: t.Any, context: t.Mapping[str, t.Any]) -> str:
-    if not isinstance(template, Template):
-        template = compile_template(template)
-    return template.render(context)
+    compiled = (
+        template if isinstance(template, Template) else compile_template(template)
+    )
+    return compiled.render(context)
 
 
 def _check_header(what: str, value: str) -> None:

@@ -1,0 +1,433 @@
+"""The transaction rules: when a batch dispatches, when it is discarded."""
+
+from __future__ import annotations
+
+import threading
+import typing as t
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from sqlalchemy.orm import scoped_session, sessionmaker
+
+from notifyqueue import NotifyQueue, enqueue, finalise, signals
+
+from .helpers import Item, RecordingChannel, db
+
+
+@pytest.fixture
+def discards() -> t.Iterator[list[tuple[str, list[str]]]]:
+    """Every batch_discarded signal as (reason, payloads)."""
+    seen: list[tuple[str, list[str]]] = []
+
+    def receiver(sender: Flask, *, intents: list[t.Any], reason: str) -> None:
+        seen.append((reason, [intent.payload for intent in intents]))
+
+    with signals.batch_discarded.connected_to(receiver):
+        yield seen
+
+
+def add(name: str) -> None:
+    """Change the database and queue an intent naming the change."""
+    db.session.add(Item(name=name))
+    db.session.flush()
+    enqueue("rec", "{name}", name=name)
+
+
+def names() -> list[str]:
+    return sorted(db.session.scalars(sa.select(Item.name)))
+
+
+# Rule 1
+
+
+def test_nothing_dispatches_before_the_root_commit(app, rec, ctx):
+    add("a")
+    add("b")
+    assert rec.sent == []
+    db.session.commit()
+    assert rec.sent == ["a", "b"]
+    assert len(rec.batches) == 1
+
+
+def test_queueing_outside_a_transaction_begins_one_like_session_add(
+    app, rec, ctx, discards
+):
+    enqueue("rec", "early")
+    assert db.session().in_transaction()
+    db.session.rollback()
+    assert discards == [("rollback", ["early"])]
+    enqueue("rec", "early")
+    add("a")
+    assert rec.sent == []
+    db.session.commit()
+    assert rec.sent == ["early", "a"]
+
+
+def test_batch_committed_is_sent_before_anything_is_dispatched(app, rec, ctx):
+    seen: list[tuple[list[str], list[t.Any]]] = []
+
+    def receiver(sender: Flask, *, intents: list[t.Any]) -> None:
+        seen.append(([intent.payload for intent in intents], list(rec.sent)))
+
+    with signals.batch_committed.connected_to(receiver, sender=app):
+        add("a")
+        db.session.commit()
+    assert seen == [(["a"], [])]
+    assert rec.sent == ["a"]
+
+
+# Rule 2
+
+
+def test_plain_session_commit_dispatches(app, rec, ctx):
+    add("a")
+    db.session.commit()
+    assert rec.sent == ["a"]
+
+
+def test_finalise_commits_then_dispatches_and_returns_the_result(app, rec, ctx):
+    add("a")
+    add("b")
+    result = finalise(commit=True)
+    assert result.committed and result.ok and bool(result)
+    assert [intent.payload for intent in result.dispatched] == ["a", "b"]
+    assert result.failed == [] and result.discarded == []
+    assert rec.sent == ["a", "b"]
+    db.session.rollback()  # the data is committed, not merely flushed
+    assert names() == ["a", "b"]
+
+
+def test_finalise_with_nothing_queued_commits(app, rec, ctx):
+    db.session.add(Item(name="a"))
+    result = finalise()
+    assert result.ok and result.dispatched == []
+    assert names() == ["a"]
+
+
+# Rule 3
+
+
+def test_rollback_discards_the_batch(app, rec, ctx, discards):
+    add("a")
+    db.session.rollback()
+    assert discards == [("rollback", ["a"])]
+    db.session.commit()
+    assert rec.sent == []
+
+
+def test_finalise_without_commit_rolls_back_and_discards(app, rec, ctx, discards):
+    add("a")
+    result = finalise(commit=False)
+    assert not result.committed and not result
+    assert [intent.payload for intent in result.discarded] == ["a"]
+    assert discards == [("rollback", ["a"])]
+    assert names() == []
+    assert rec.sent == []
+
+
+def test_finalise_without_commit_discards_intents_queued_outside_a_transaction(
+    app, rec, ctx, discards
+):
+    enqueue("rec", "early")
+    result = finalise(commit=False)
+    assert [intent.payload for intent in result.discarded] == ["early"]
+    assert discards == [("rollback", ["early"])]
+    db.session.commit()
+    assert rec.sent == []
+
+
+def test_close_discards_the_batch(app, rec, ctx, discards):
+    add("a")
+    db.session.close()
+    assert discards == [("close", ["a"])]
+    add("b")
+    db.session.commit()
+    assert rec.sent == ["b"]
+
+
+def test_remove_discards_the_batch(app, rec, ctx, discards):
+    add("a")
+    db.session.remove()
+    assert discards == [("close", ["a"])]
+    db.session.commit()
+    assert rec.sent == []
+
+
+def test_app_context_teardown_without_commit_discards_the_batch(app, rec, discards):
+    with app.app_context():
+        add("a")
+    assert discards == [("teardown", ["a"])]
+    with app.app_context():
+        db.session.commit()
+        assert names() == []
+    assert rec.sent == []
+
+
+def test_without_autobegin_intents_wait_for_the_transaction_begun_next(
+    database_url, discards
+):
+    engine = sa.create_engine(database_url)
+    session = scoped_session(sessionmaker(bind=engine, autobegin=False))
+    app = Flask("no_autobegin")
+    app.config["NOTIFYQUEUE_CHANNELS"] = {"rec": {"type": "tests.helpers:RecordingChannel"}}
+    NotifyQueue(app, session=session)
+    rec = app.extensions["notifyqueue"].channels["rec"]
+    try:
+        with app.app_context():
+            enqueue("rec", "early")
+            assert not session().in_transaction()
+            session.begin()
+            enqueue("rec", "inside")
+            session.commit()
+            assert rec.sent == ["early", "inside"]
+            enqueue("rec", "never committed")
+        # The app context ended with the intent still pending: discarded.
+        assert discards == [("teardown", ["never committed"])]
+        with app.app_context():
+            session.begin()
+            session.commit()
+        assert rec.sent == ["early", "inside"]
+    finally:
+        session.remove()
+        engine.dispose()
+
+
+def test_rolled_back_intents_do_not_leak_into_the_next_transaction(app, rec, ctx):
+    add("a")
+    db.session.rollback()
+    add("b")
+    db.session.commit()
+    assert rec.sent == ["b"]
+    assert len(rec.batches) == 1
+
+
+def test_failed_commit_dispatches_nothing_and_reraises(app, rec, ctx, discards):
+    add("a")
+    db.session.commit()
+    add("b")
+    db.session.add(Item(name="a"))  # violates the unique constraint at flush
+    with pytest.raises(sa.exc.IntegrityError):
+        finalise()
+    assert discards == [("commit failed", ["b"])]
+    assert rec.sent == ["a"]
+    # The same app context goes on: the next batch carries only its own intents.
+    add("c")
+    result = finalise()
+    assert [intent.payload for intent in result.dispatched] == ["c"]
+    assert rec.sent == ["a", "c"]
+    assert names() == ["a", "c"]
+
+
+def test_failed_plain_commit_dispatches_nothing(app, rec, ctx, discards):
+    add("a")
+    db.session.add(Item(name="a"))
+    with pytest.raises(sa.exc.IntegrityError):
+        db.session.commit()
+    db.session.rollback()
+    assert discards == [("commit failed", ["a"])]
+    add("b")
+    db.session.commit()
+    assert rec.sent == ["b"]
+
+
+# Rule 4
+
+
+def test_savepoint_release_dispatches_nothing(app, rec, ctx):
+    add("a")
+    savepoint = db.session.begin_nested()
+    add("b")
+    savepoint.commit()  # SQLAlchemy fires after_commit here
+    assert rec.sent == []
+    db.session.commit()
+    assert rec.sent == ["a", "b"]
+
+
+def test_savepoint_rollback_discards_exactly_its_intents(app, rec, ctx, discards):
+    add("a")
+    savepoint = db.session.begin_nested()
+    add("b")
+    savepoint.rollback()
+    add("c")
+    assert discards == [("savepoint rollback", ["b"])]
+    result = finalise()
+    assert rec.sent == ["a", "c"]
+    assert [intent.payload for intent in result.discarded] == ["b"]
+    assert names() == ["a", "c"]
+
+
+def test_savepoint_rollback_discards_released_inner_savepoints(
+    app, rec, ctx, discards
+):
+    add("a")
+    outer = db.session.begin_nested()
+    add("b")
+    inner = db.session.begin_nested()
+    add("c")
+    inner.commit()
+    add("d")
+    outer.rollback()
+    assert discards == [("savepoint rollback", ["b", "c", "d"])]
+    db.session.commit()
+    assert rec.sent == ["a"]
+    assert names() == ["a"]
+
+
+def test_inner_savepoint_rollback_keeps_the_outer_savepoints_intents(app, rec, ctx):
+    outer = db.session.begin_nested()
+    add("a")
+    inner = db.session.begin_nested()
+    add("b")
+    inner.rollback()
+    add("c")
+    outer.commit()
+    db.session.commit()
+    assert rec.sent == ["a", "c"]
+
+
+def test_savepoint_context_manager_rolls_back_on_error(app, rec, ctx):
+    add("a")
+    with pytest.raises(sa.exc.IntegrityError):
+        with db.session.begin_nested():
+            add("b")
+            db.session.add(Item(name="a"))
+            db.session.flush()
+    db.session.commit()
+    assert rec.sent == ["a"]
+    assert names() == ["a"]
+
+
+def test_savepoint_begun_before_any_intent_discards_what_it_queued(app, rec, ctx):
+    savepoint = db.session.begin_nested()
+    add("a")
+    savepoint.rollback()
+    add("b")
+    db.session.commit()
+    assert rec.sent == ["b"]
+
+
+# Rule 5
+
+
+def test_each_of_a_thousand_transactions_dispatches_once(app, rec, ctx):
+    for number in range(1000):
+        enqueue("rec", "{n}", n=number)
+        if number % 7 == 3:
+            db.session.rollback()
+        else:
+            db.session.commit()
+    expected = [[str(n)] for n in range(1000) if n % 7 != 3]
+    assert [[intent.payload for intent in batch] for batch in rec.batches] == expected
+
+
+def test_a_second_commit_does_not_dispatch_again(app, rec, ctx):
+    add("a")
+    db.session.commit()
+    db.session.commit()
+    finalise()
+    assert rec.sent == ["a"]
+
+
+# Rule 7
+
+
+def test_a_handler_may_query_and_commit_its_own_transaction(app, rec, ctx):
+    seen: list[list[str]] = []
+
+    def handler(sender: Flask, *, intent: t.Any) -> None:
+        if intent.payload == "a":
+            seen.append(names())  # a query: the session has left the commit
+            add("a-followup")
+            db.session.commit()
+
+    with signals.intent_dispatched.connected_to(handler, sender=app):
+        add("a")
+        add("b")
+        result = finalise()
+    assert seen == [["a", "b"]]
+    assert [intent.payload for intent in result.dispatched] == ["a", "b"]
+    assert [len(batch) for batch in rec.batches] == [2, 1]
+    assert rec.sent == ["a", "b", "a-followup"]
+    assert names() == ["a", "a-followup", "b"]
+
+
+def test_intents_a_handler_queues_without_commit_wait_for_the_next_commit(
+    app, rec, ctx
+):
+    def handler(sender: Flask, *, intent: t.Any) -> None:
+        if intent.payload == "a":
+            enqueue("rec", "queued by handler")
+
+    with signals.intent_dispatched.connected_to(handler, sender=app):
+        add("a")
+        db.session.commit()
+        assert rec.sent == ["a"]
+        add("b")
+        db.session.commit()
+    assert rec.sent == ["a", "queued by handler", "b"]
+
+
+# Rule 8
+
+
+def test_threads_never_see_each_others_queue(app, rec):
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def work(number: int) -> None:
+        try:
+            with app.app_context():
+                for step in range(20):
+                    enqueue("rec", "{n}-{s}", n=number, s=step)
+                    barrier.wait(timeout=10)
+                    if number % 2:
+                        db.session.rollback()
+                    else:
+                        db.session.commit()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert all(len(batch) == 1 for batch in rec.batches)
+    assert sorted(rec.sent) == sorted(f"{n}-{s}" for n in (0, 2) for s in range(20))
+
+
+def test_plain_scoped_session_follows_savepoints_and_threads(database_url, tmp_path):
+    engine = sa.create_engine(database_url)
+    session = scoped_session(sessionmaker(bind=engine))
+    db.metadata.drop_all(engine)
+    db.metadata.create_all(engine)
+    app = Flask("plain")
+    app.config["NOTIFYQUEUE_CHANNELS"] = {"rec": {"type": "tests.helpers:RecordingChannel"}}
+    NotifyQueue(app, session=session)
+    rec = app.extensions["notifyqueue"].channels["rec"]
+    assert isinstance(rec, RecordingChannel)
+
+    def other_thread() -> None:
+        with app.app_context():
+            enqueue("rec", "other")
+            session.rollback()
+            session.remove()
+
+    try:
+        with app.app_context():
+            session.add(Item(name="a"))
+            enqueue("rec", "a")
+            savepoint = session.begin_nested()
+            enqueue("rec", "b")
+            savepoint.rollback()
+            thread = threading.Thread(target=other_thread)
+            thread.start()
+            thread.join()
+            session.commit()
+        assert rec.sent == ["a"]
+    finally:
+        session.remove()
+        db.metadata.drop_all(engine)
+        engine.dispose()
