@@ -431,3 +431,33 @@ def test_plain_scoped_session_follows_savepoints_and_threads(database_url, tmp_p
         session.remove()
         db.metadata.drop_all(engine)
         engine.dispose()
+
+
+def test_a_commit_that_fails_at_commit_time_dispatches_nothing(app, rec, ctx, discards):
+    # A deferred foreign key is only checked by COMMIT itself, after every
+    # flush has succeeded: the case a flag set "before commit" gets wrong.
+    for statement in (
+        "CREATE TABLE parent (id INTEGER PRIMARY KEY)",
+        "CREATE TABLE child (id INTEGER PRIMARY KEY, parent_id INTEGER"
+        " REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)",
+    ):
+        db.session.execute(sa.text(statement))
+    db.session.commit()
+    try:
+        if db.engine.dialect.name == "sqlite":
+            db.session.execute(sa.text("PRAGMA foreign_keys = ON"))
+        db.session.execute(sa.text("INSERT INTO child VALUES (1, 42)"))
+        enqueue("rec", "orphan")
+        with pytest.raises(sa.exc.IntegrityError):
+            finalise()
+        assert discards == [("commit failed", ["orphan"])]
+        assert rec.sent == []
+        enqueue("rec", "next")
+        assert [i.payload for i in finalise().dispatched] == ["next"]
+        assert rec.sent == ["next"]
+        assert db.session.scalar(sa.text("SELECT count(*) FROM child")) == 0
+    finally:
+        db.session.rollback()
+        db.session.execute(sa.text("DROP TABLE child"))
+        db.session.execute(sa.text("DROP TABLE parent"))
+        db.session.commit()
