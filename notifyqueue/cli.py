@@ -8,6 +8,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from .errors import DeliveryError
 from .extension import get_state
 from .queue import enqueue, finalise
 
@@ -39,9 +40,14 @@ def send_test(channel: str) -> None:
         )
     template = state.channels[channel].test_template
     intent = enqueue(channel, template, app=current_app.name)
-    result = finalise(commit=True)
-    for failed, exc in result.failed:
-        click.echo(f"FAILED {failed.id} via {channel}: {exc!r}", err=True)
+    try:
+        result = finalise(commit=True)
+    except DeliveryError as exc:  # NOTIFYQUEUE_STRICT: report it like the others
+        if exc.result is None:
+            raise
+        result = exc.result
+    for failed, error in result.failed:
+        click.echo(f"FAILED {failed.id} via {channel}: {error!r}", err=True)
     if not result.ok:
         raise SystemExit(1)
     click.echo(f"Sent {intent.id} via {channel}.")

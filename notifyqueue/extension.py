@@ -19,6 +19,15 @@ _ORDERS = ("channel", "call")
 _CONFIG_KEYS = ("NOTIFYQUEUE_CHANNELS", "NOTIFYQUEUE_ORDER", "NOTIFYQUEUE_STRICT")
 
 
+def _defaults() -> dict[str, t.Any]:
+    """Fresh default config values (fresh, so no app shares a mutable dict)."""
+    return {
+        "NOTIFYQUEUE_CHANNELS": {"log": {"type": "log"}},
+        "NOTIFYQUEUE_ORDER": "channel",
+        "NOTIFYQUEUE_STRICT": False,
+    }
+
+
 @dataclasses.dataclass
 class _Capture:
     """One active :func:`notifyqueue.testing.capture` block."""
@@ -53,17 +62,20 @@ class _State:
                 f"Unknown config key(s) {', '.join(sorted(unknown))}; notifyqueue"
                 f" reads {', '.join(_CONFIG_KEYS)}. Check the spelling."
             )
-        order = config["NOTIFYQUEUE_ORDER"]
+        defaults = _defaults()
+        order = config.get("NOTIFYQUEUE_ORDER", defaults["NOTIFYQUEUE_ORDER"])
         if order not in _ORDERS:
             raise ConfigurationError(
                 f"NOTIFYQUEUE_ORDER is {order!r}; use 'channel' or 'call'."
             )
-        strict = config["NOTIFYQUEUE_STRICT"]
+        strict = config.get("NOTIFYQUEUE_STRICT", defaults["NOTIFYQUEUE_STRICT"])
         if not isinstance(strict, bool):
             raise ConfigurationError(
                 f"NOTIFYQUEUE_STRICT is {strict!r}; use True or False."
             )
-        configured = config["NOTIFYQUEUE_CHANNELS"]
+        configured = config.get(
+            "NOTIFYQUEUE_CHANNELS", defaults["NOTIFYQUEUE_CHANNELS"]
+        )
         if not isinstance(configured, t.Mapping) or not configured:
             raise ConfigurationError(
                 "NOTIFYQUEUE_CHANNELS must be a non-empty dict of channel name ->"
@@ -137,17 +149,19 @@ class NotifyQueue:
         """
         if _EXTENSION_KEY in app.extensions:
             raise LifecycleError("NotifyQueue is already initialised on this app.")
-        session = session or self._session or _flask_sqlalchemy_session(app)
+        if session is None:
+            session = self._session
+        if session is None:
+            session = _flask_sqlalchemy_session(app)
         if not isinstance(session, scoped_session):
             raise ArgumentTypeError(
                 f"session must be a sqlalchemy.orm.scoped_session (Flask-SQLAlchemy's"
                 f" db.session is one), got {type(session).__name__} {session!r}."
             )
-        app.config.setdefault("NOTIFYQUEUE_CHANNELS", {"log": {"type": "log"}})
-        app.config.setdefault("NOTIFYQUEUE_ORDER", "channel")
-        app.config.setdefault("NOTIFYQUEUE_STRICT", False)
         state = _State.from_config(app, session)
         watch(session)
+        for key, value in _defaults().items():
+            app.config.setdefault(key, value)
         app.extensions[_EXTENSION_KEY] = state
         app.teardown_appcontext(_teardown)
 

@@ -53,10 +53,10 @@ def _import_path(path: str, where: str, extra: str | None) -> t.Any:
     module_name, _, attribute = path.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except Exception as exc:  # a module may raise anything while it is imported
         hint = (
             f" Install it with: pip install '{extra}'."
-            if extra
+            if extra and isinstance(exc, ImportError)
             else " Check the module path and that its package is installed."
         )
         raise ConfigurationError(

@@ -1,0 +1,151 @@
+"""``flask notifyqueue channels`` and ``flask notifyqueue send-test``."""
+
+from __future__ import annotations
+
+import logging
+import typing as t
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from notifyqueue import Intent, signals
+
+from .conftest import SMTPServer
+from .helpers import RecordingChannel
+
+REC = "tests.helpers:RecordingChannel"
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """The CLI does not depend on the database: SQLite only."""
+    return f"sqlite:///{tmp_path / 'test.db'}"
+
+
+def invoke(app: Flask, *args: str) -> t.Any:
+    return app.test_cli_runner().invoke(args=["notifyqueue", *args])
+
+
+def test_init_app_adds_the_notifyqueue_command_group(app: Flask) -> None:
+    assert set(app.cli.commands["notifyqueue"].commands) >= {"channels", "send-test"}
+
+
+def test_channels_lists_each_channel_with_type_and_options_in_order(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    app = make_app(
+        NOTIFYQUEUE_CHANNELS={
+            "rec": {"type": REC, "fail_on": "boom"},
+            "audit": {"type": "log", "logger": "audit", "level": "WARNING"},
+            "plain": {"type": "log"},
+        }
+    )
+    result = invoke(app, "channels")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    found = {
+        name: [i for i, line in enumerate(lines) if line.startswith(f"{name}:")]
+        for name in ("rec", "audit", "plain")
+    }
+    assert all(len(indexes) == 1 for indexes in found.values()), result.output
+    rec_line, audit_line, plain_line = (lines[found[n][0]] for n in found)
+    assert found["rec"][0] < found["audit"][0] < found["plain"][0]
+    assert REC in rec_line and "fail_on" in rec_line and "boom" in rec_line
+    assert "log" in audit_line
+    for option in ("logger", "audit", "level", "WARNING"):
+        assert option in audit_line
+    assert "log" in plain_line and "logger" not in plain_line
+
+
+def test_send_test_delivers_one_test_intent_to_the_channel(
+    app: Flask, rec: RecordingChannel
+) -> None:
+    result = invoke(app, "send-test", "rec")
+    assert result.exit_code == 0, result.output
+    assert len(rec.batches) == 1 and len(rec.batches[0]) == 1
+    intent = rec.batches[0][0]
+    assert intent.channel == "rec"
+    assert intent.payload == f"Test notification from notifyqueue (app {app.name})."
+    assert intent.id in result.output
+
+
+def test_send_test_uses_only_the_named_channel(app: Flask) -> None:
+    sent: list[tuple[str, list[Intent]]] = []
+
+    def record(sender: str, *, app: Flask, intents: list[Intent]) -> None:
+        sent.append((sender, intents))
+
+    with signals.dispatch.connected_to(record):
+        result = invoke(app, "send-test", "rec")
+    assert result.exit_code == 0, result.output
+    assert [(name, len(intents)) for name, intents in sent] == [("rec", 1)]
+
+
+def test_send_test_through_log_writes_a_log_record(
+    app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=app.logger.name)
+    result = invoke(app, "send-test", "log")
+    assert result.exit_code == 0, result.output
+    records = [
+        record
+        for record in caplog.records
+        if record.name == app.logger.name and "Test notification" in record.getMessage()
+    ]
+    assert len(records) == 1
+    assert records[0].levelno == logging.INFO
+    assert records[0].getMessage() == (
+        f"Test notification from notifyqueue (app {app.name})."
+    )
+
+
+def test_send_test_through_mail_sends_one_email(
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
+) -> None:
+    app = make_app(
+        **smtp_server.config(),
+        NOTIFYQUEUE_CHANNELS={
+            "mail": {"type": "mail", "recipients": ["admin@example.com"]}
+        },
+    )
+    result = invoke(app, "send-test", "mail")
+    assert result.exit_code == 0, result.output
+    assert len(smtp_server.messages) == 1
+    message = smtp_server.messages[0]
+    assert message["To"] == "admin@example.com"
+    assert message["Subject"] == "notifyqueue test"
+    assert app.name in message.get_content()
+
+
+def test_send_test_unknown_channel_fails_naming_the_configured_ones(
+    app: Flask, rec: RecordingChannel
+) -> None:
+    result = invoke(app, "send-test", "nope")
+    assert result.exit_code != 0
+    assert "'nope'" in result.output
+    assert "log, rec" in result.output
+    assert rec.batches == []
+
+
+def test_send_test_through_a_failing_channel_exits_1_and_prints_failed(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    app = make_app(NOTIFYQUEUE_CHANNELS={"rec": {"type": REC, "crash": True}})
+    result = invoke(app, "send-test", "rec")
+    assert result.exit_code == 1
+    assert "FAILED" in result.output
+    assert "channel rec is down" in result.output
+
+
+def test_send_test_in_strict_mode_reports_failure_like_non_strict(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    app = make_app(
+        NOTIFYQUEUE_CHANNELS={"rec": {"type": REC, "crash": True}},
+        NOTIFYQUEUE_STRICT=True,
+    )
+    result = invoke(app, "send-test", "rec")
+    assert result.exit_code == 1
+    assert "FAILED" in result.output, repr(result.exception)
+    assert "channel rec is down" in result.output
