@@ -42,10 +42,12 @@ class _Plan:
                     f"@deferred_notify on {name}(): the parameter {reserved!r} is"
                     " reserved by notifyqueue; rename it."
                 )
+        # Names a keyword argument binds to; any other keyword lands in **kwargs
+        # (a positional-only parameter's name included).
         named = {
             p.name
             for p in parameters.values()
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         }
         positional = [
             p.name

@@ -69,6 +69,11 @@ class Intent:
             raise ValueError(
                 f"Intent.from_dict() needs the key {exc.args[0]!r}."
             ) from exc
+        except TypeError as exc:
+            raise ValueError(
+                "Intent.from_dict() needs created_at as an ISO 8601 string,"
+                f" got {data['created_at']!r}."
+            ) from exc
         if created_at.tzinfo is None:
             raise ValueError(
                 "Intent.from_dict() needs an aware created_at,"

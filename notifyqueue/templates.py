@@ -33,7 +33,9 @@ class Template(str):
         :raises TemplateError: if a field has no value or cannot be formatted.
         """
         try:
-            return self.format_map(context)
+            # str() because format_map returns the Template itself when it has
+            # no fields; a payload must be a plain str, not the cached object.
+            return str(self.format_map(context))
         except (KeyError, AttributeError, IndexError, TypeError, ValueError) as exc:
             raise TemplateError(
                 f"Cannot render template {str(self)!r}: {type(exc).__name__}: {exc}."
@@ -60,7 +62,6 @@ class Template(str):
         return "".join(parts)
 
 
-@functools.lru_cache(maxsize=512)
 def compile_template(text: str) -> Template:
     """Check ``text`` and return it as a :class:`Template`.
 
@@ -75,6 +76,11 @@ def compile_template(text: str) -> Template:
         raise TemplateError(
             f"A template must be a str, got {type(text).__name__} {text!r}."
         )
+    return _compile_template(text)
+
+
+@functools.lru_cache(maxsize=512)
+def _compile_template(text: str) -> Template:
     try:
         parsed = list(_formatter.parse(text))
     except ValueError as exc:

@@ -171,7 +171,9 @@ class _Handler:
     async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
         from email import message_from_bytes, policy
 
-        self.server.messages.append(message_from_bytes(envelope.content, policy=policy.default))
+        self.server.messages.append(
+            message_from_bytes(envelope.content, policy=policy.default)
+        )
         return "250 Message accepted for delivery"
 
 
@@ -187,7 +189,10 @@ def smtp_server() -> t.Iterator[SMTPServer]:
 
     server = SMTPServer("127.0.0.1", free_port())
     controller = Controller(
-        _Handler(server), hostname=server.host, port=server.port, loop=asyncio.new_event_loop()
+        _Handler(server),
+        hostname=server.host,
+        port=server.port,
+        loop=asyncio.new_event_loop(),
     )
     controller.start()
     try:

@@ -9,8 +9,15 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 
-from notifyqueue import Channel, DeliveryError, Intent, NotifyQueueError, enqueue, finalise
-from notifyqueue import signals
+from notifyqueue import (
+    Channel,
+    DeliveryError,
+    Intent,
+    NotifyQueueError,
+    enqueue,
+    finalise,
+    signals,
+)
 
 from .helpers import Item, db
 

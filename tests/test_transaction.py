@@ -170,7 +170,9 @@ def test_without_autobegin_intents_wait_for_the_transaction_begun_next(
     engine = sa.create_engine(database_url)
     session = scoped_session(sessionmaker(bind=engine, autobegin=False))
     app = Flask("no_autobegin")
-    app.config["NOTIFYQUEUE_CHANNELS"] = {"rec": {"type": "tests.helpers:RecordingChannel"}}
+    app.config["NOTIFYQUEUE_CHANNELS"] = {
+        "rec": {"type": "tests.helpers:RecordingChannel"}
+    }
     NotifyQueue(app, session=session)
     rec = app.extensions["notifyqueue"].channels["rec"]
     try:
@@ -257,9 +259,7 @@ def test_savepoint_rollback_discards_exactly_its_intents(app, rec, ctx, discards
     assert names() == ["a", "c"]
 
 
-def test_savepoint_rollback_discards_released_inner_savepoints(
-    app, rec, ctx, discards
-):
+def test_savepoint_rollback_discards_released_inner_savepoints(app, rec, ctx, discards):
     add("a")
     outer = db.session.begin_nested()
     add("b")
@@ -404,7 +404,9 @@ def test_plain_scoped_session_follows_savepoints_and_threads(database_url, tmp_p
     db.metadata.drop_all(engine)
     db.metadata.create_all(engine)
     app = Flask("plain")
-    app.config["NOTIFYQUEUE_CHANNELS"] = {"rec": {"type": "tests.helpers:RecordingChannel"}}
+    app.config["NOTIFYQUEUE_CHANNELS"] = {
+        "rec": {"type": "tests.helpers:RecordingChannel"}
+    }
     NotifyQueue(app, session=session)
     rec = app.extensions["notifyqueue"].channels["rec"]
     assert isinstance(rec, RecordingChannel)

@@ -1,0 +1,732 @@
+from __future__ import annotations
+
+import logging
+import typing as t
+
+import pytest
+from flask import Flask
+
+from notifyqueue import (
+    ChannelNotFound,
+    Intent,
+    LifecycleError,
+    NotifyQueueError,
+    TemplateError,
+    deferred_notify,
+    enqueue,
+    finalise,
+    signals,
+)
+
+from .helpers import RecordingChannel
+
+
+@pytest.fixture
+def database_url(tmp_path: t.Any) -> str:
+    """The decorator does not depend on the database: SQLite is enough here."""
+    return f"sqlite:///{tmp_path / 'test.db'}"
+
+
+@pytest.fixture
+def queued(app: Flask) -> t.Iterator[list[Intent]]:
+    """The intents queued on ``app``, in the order ``intent_queued`` reported them."""
+    intents: list[Intent] = []
+
+    def receiver(sender: Flask, *, intent: Intent) -> None:
+        intents.append(intent)
+
+    signals.intent_queued.connect(receiver, sender=app)
+    yield intents
+    signals.intent_queued.disconnect(receiver, sender=app)
+
+
+@pytest.fixture
+def froggy_app(make_app: t.Callable[..., Flask]) -> t.Iterator[Flask]:
+    """An app with the issue's channels: log and mail (plus rec)."""
+    app = make_app(
+        NOTIFYQUEUE_CHANNELS={
+            "log": {"type": "log"},
+            "mail": {"type": "mail", "recipients": ["admins@example.com"]},
+            "rec": {"type": "tests.helpers:RecordingChannel"},
+        }
+    )
+    with app.app_context():
+        yield app
+
+
+class Froggy:
+    def __init__(self, id: int, name: str = "Froggy") -> None:
+        self.id = id
+        self.name = name
+        self.jump_height = "0 metres"
+
+
+def payloads(intents: t.Iterable[Intent]) -> list[t.Any]:
+    return [intent.payload for intent in intents]
+
+
+# -- the issue's example ------------------------------------------------------
+
+
+def _froggy_decorator() -> t.Callable[[t.Any], t.Any]:
+    return deferred_notify(
+        log="Made froggy jump: {froggy.id}; jump height: {jump_height}",
+        mail={
+            "subject": "Made froggy jump",
+            "body": "Froggy: {froggy.id}; jump height: {froggy.jump_height}",
+        },
+    )
+
+
+def test_froggy_example_renders_every_channel_it_names(froggy_app: Flask) -> None:
+    @_froggy_decorator()
+    def make_froggy_jump(froggy: Froggy, jump_height: str) -> None:
+        froggy.jump_height = jump_height
+
+    queued: list[Intent] = []
+    with signals.intent_queued.connected_to(
+        lambda sender, intent: queued.append(intent), sender=froggy_app
+    ):
+        make_froggy_jump(Froggy(7), "50 metres")
+
+    assert [intent.channel for intent in queued] == ["log", "mail"]
+    assert queued[0].payload == "Made froggy jump: 7; jump height: 50 metres"
+    assert queued[1].payload == {
+        "subject": "Made froggy jump",
+        "body": "Froggy: 7; jump height: 50 metres",
+        "recipients": ["admins@example.com"],
+        "sender": "notify@example.com",
+    }
+
+
+def test_froggy_example_delivers_log_and_mail_after_commit(
+    froggy_app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+
+    @_froggy_decorator()
+    def make_froggy_jump(froggy: Froggy, jump_height: str) -> None:
+        froggy.jump_height = jump_height
+
+    mail = froggy_app.extensions["mail"]
+    with mail.record_messages() as outbox:
+        make_froggy_jump(Froggy(7), "50 metres")
+        assert outbox == []
+        assert "Made froggy jump" not in caplog.text
+        result = finalise()
+
+    assert result.ok
+    assert [intent.channel for intent in result.dispatched] == ["log", "mail"]
+    assert "Made froggy jump: 7; jump height: 50 metres" in caplog.messages
+    assert len(outbox) == 1
+    assert outbox[0].subject == "Made froggy jump"
+    assert outbox[0].body == "Froggy: 7; jump height: 50 metres"
+    assert outbox[0].recipients == ["admins@example.com"]
+
+
+def test_froggy_example_notify_list_selects_channels(froggy_app: Flask) -> None:
+    @_froggy_decorator()
+    def make_froggy_jump(froggy: Froggy, jump_height: str) -> None:
+        froggy.jump_height = jump_height
+
+    make_froggy_jump(Froggy(7), "50 metres", notify=["log"])
+    result = finalise()
+
+    assert [intent.channel for intent in result.dispatched] == ["log"]
+
+
+def test_froggy_example_notify_false_queues_nothing(froggy_app: Flask) -> None:
+    @_froggy_decorator()
+    def make_froggy_jump(froggy: Froggy, jump_height: str) -> None:
+        froggy.jump_height = jump_height
+
+    froggy = Froggy(7)
+    make_froggy_jump(froggy, "50 metres", notify=False)
+    result = finalise()
+
+    assert froggy.jump_height == "50 metres"
+    assert result.dispatched == []
+
+
+# -- where field values come from ---------------------------------------------
+
+
+def test_fields_name_positional_parameters(ctx: None, queued: list[Intent]) -> None:
+    @deferred_notify(rec="{froggy.id} jumped {jump_height}")
+    def jump(froggy: Froggy, jump_height: str) -> None:
+        pass
+
+    jump(Froggy(3), "2 metres")
+
+    assert payloads(queued) == ["3 jumped 2 metres"]
+
+
+def test_fields_name_parameters_passed_by_keyword(
+    ctx: None, queued: list[Intent]
+) -> None:
+    @deferred_notify(rec="{froggy.id} jumped {jump_height}")
+    def jump(froggy: Froggy, jump_height: str) -> None:
+        pass
+
+    jump(jump_height="2 metres", froggy=Froggy(3))
+
+    assert payloads(queued) == ["3 jumped 2 metres"]
+
+
+def test_fields_get_parameter_defaults(ctx: None, queued: list[Intent]) -> None:
+    @deferred_notify(rec="{froggy.id} jumped {jump_height}")
+    def jump(froggy: Froggy, jump_height: str = "1 metre") -> None:
+        pass
+
+    jump(Froggy(3))
+
+    assert payloads(queued) == ["3 jumped 1 metre"]
+
+
+def test_fields_read_attributes_keys_and_indexes(
+    ctx: None, queued: list[Intent]
+) -> None:
+    @deferred_notify(rec="{froggy.name} {info[pond]} {heights[1]}")
+    def jump(froggy: Froggy, info: dict[str, str], heights: list[int]) -> None:
+        pass
+
+    jump(Froggy(3, name="Fred"), {"pond": "Mill pond"}, [10, 20])
+
+    assert payloads(queued) == ["Fred Mill pond 20"]
+
+
+def test_result_field_is_the_return_value(ctx: None, queued: list[Intent]) -> None:
+    @deferred_notify(rec="landed at {result[landed]}")
+    def jump(height: int) -> dict[str, int]:
+        return {"landed": height * 2}
+
+    jump(21)
+
+    assert payloads(queued) == ["landed at 42"]
+
+
+def test_fields_name_keyword_only_parameters(ctx: None, queued: list[Intent]) -> None:
+    @deferred_notify(rec="{froggy.id} {how} {speed}")
+    def jump(froggy: Froggy, *, how: str, speed: str = "fast") -> None:
+        pass
+
+    jump(Froggy(3), how="sideways")
+    jump(Froggy(4), speed="slow", how="backwards")
+
+    assert payloads(queued) == ["3 sideways fast", "4 backwards slow"]
+
+
+def test_fields_name_positional_only_parameters(
+    ctx: None, queued: list[Intent]
+) -> None:
+    @deferred_notify(rec="{froggy.id} {height}")
+    def jump(froggy: Froggy, height: str = "low", /) -> None:
+        pass
+
+    jump(Froggy(3))
+    jump(Froggy(4), "high")
+
+    assert payloads(queued) == ["3 low", "4 high"]
+
+
+def test_var_positional_field_is_the_tuple_of_extra_arguments(
+    ctx: None, queued: list[Intent]
+) -> None:
+    @deferred_notify(rec="{froggy.id} {heights} first={heights[0]}")
+    def jump(froggy: Froggy, *heights: int) -> None:
+        pass
+
+    jump(Froggy(3), 5, 6)
+
+    assert payloads(queued) == ["3 (5, 6) first=5"]
+
+
+def test_var_keyword_field_is_the_dict_of_extra_keywords(
+    ctx: None, queued: list[Intent]
+) -> None:
+    @deferred_notify(rec="{froggy.id} {extra}")
+    def jump(froggy: Froggy, **extra: str) -> None:
+        pass
+
+    jump(froggy=Froggy(3), colour="green")
+
+    assert payloads(queued) == ["3 {'colour': 'green'}"]
+
+
+def test_var_keyword_field_equals_what_the_function_received(
+    ctx: None, queued: list[Intent]
+) -> None:
+    # A keyword with the name of a positional-only parameter lands in **extra.
+    @deferred_notify(rec="{extra} == {result}")
+    def jump(froggy: t.Any, /, **extra: t.Any) -> dict[str, t.Any]:
+        return extra
+
+    received = jump("positional", froggy="keyword")
+
+    assert received == {"froggy": "keyword"}
+    assert payloads(queued) == ["{'froggy': 'keyword'} == {'froggy': 'keyword'}"]
+
+
+def test_field_naming_no_parameter_comes_from_kwargs(
+    ctx: None, queued: list[Intent]
+) -> None:
+    @deferred_notify(rec="{froggy.id} is {colour}")
+    def jump(froggy: Froggy, **extra: str) -> None:
+        pass
+
+    jump(Froggy(3), colour="green")
+
+    assert payloads(queued) == ["3 is green"]
+
+
+def test_field_from_kwargs_missing_at_call_raises_template_error(
+    ctx: None, queued: list[Intent]
+) -> None:
+    @deferred_notify(rec="{froggy.id} is {colour}")
+    def jump(froggy: Froggy, **extra: str) -> None:
+        pass
+
+    with pytest.raises(TemplateError, match="'colour'"):
+        jump(Froggy(3))
+    assert queued == []
+
+
+def test_fields_name_method_parameters_and_self(
+    ctx: None, queued: list[Intent]
+) -> None:
+    class Pond:
+        name = "Mill pond"
+
+        @deferred_notify(rec="{froggy.id} jumped into {self.name}")
+        def receive(self, froggy: Froggy) -> None:
+            pass
+
+    Pond().receive(Froggy(3))
+
+    assert payloads(queued) == ["3 jumped into Mill pond"]
+
+
+def test_notify_is_consumed_by_the_wrapper(ctx: None) -> None:
+    @deferred_notify(rec="{extra}")
+    def jump(**extra: t.Any) -> dict[str, t.Any]:
+        return extra
+
+    assert jump(height=1, notify=False) == {"height": 1}
+
+
+# -- notify= ------------------------------------------------------------------
+
+
+def test_notify_omitted_queues_every_channel_in_decorator_order(
+    ctx: None, queued: list[Intent]
+) -> None:
+    @deferred_notify(rec="rec {height}", log="log {height}")
+    def jump(height: int) -> None:
+        pass
+
+    jump(1)
+
+    assert [(i.channel, i.payload) for i in queued] == [
+        ("rec", "rec 1"),
+        ("log", "log 1"),
+    ]
+
+
+def test_notify_true_queues_every_channel_in_decorator_order(
+    ctx: None, queued: list[Intent]
+) -> None:
+    @deferred_notify(rec="rec {height}", log="log {height}")
+    def jump(height: int) -> None:
+        pass
+
+    jump(1, notify=True)
+
+    assert [i.channel for i in queued] == ["rec", "log"]
+
+
+def test_notify_list_queues_only_those_channels(
+    ctx: None, queued: list[Intent], rec: RecordingChannel
+) -> None:
+    @deferred_notify(log="log {height}", rec="rec {height}")
+    def jump(height: int) -> None:
+        pass
+
+    jump(1, notify=["rec"])
+    finalise()
+
+    assert [i.channel for i in queued] == ["rec"]
+    assert rec.sent == ["rec 1"]
+
+
+def test_notify_list_can_leave_out_a_channel_the_app_lacks(
+    ctx: None, queued: list[Intent]
+) -> None:
+    @deferred_notify(rec="rec {height}", sms="sms {height}")
+    def jump(height: int) -> None:
+        pass
+
+    jump(1, notify=["rec"])
+
+    assert payloads(queued) == ["rec 1"]
+
+
+def test_notify_false_queues_nothing(
+    ctx: None, queued: list[Intent], rec: RecordingChannel
+) -> None:
+    calls = []
+
+    @deferred_notify(rec="rec {height}")
+    def jump(height: int) -> int:
+        calls.append(height)
+        return height
+
+    assert jump(1, notify=False) == 1
+    result = finalise()
+
+    assert calls == [1]
+    assert queued == []
+    assert result.dispatched == []
+    assert rec.batches == []
+
+
+def test_notify_false_needs_no_app_context(app: Flask) -> None:
+    calls = []
+
+    @deferred_notify(rec="rec {height}")
+    def jump(height: int) -> int:
+        calls.append(height)
+        return height
+
+    assert jump(1, notify=False) == 1
+    assert calls == [1]
+
+
+def test_call_without_app_context_fails_before_the_body(app: Flask) -> None:
+    calls = []
+
+    @deferred_notify(rec="rec {height}")
+    def jump(height: int) -> None:
+        calls.append(height)
+
+    with pytest.raises(LifecycleError, match="application context"):
+        jump(1)
+    assert calls == []
+
+
+def test_notify_undeclared_channel_fails_before_the_body(
+    ctx: None, queued: list[Intent]
+) -> None:
+    calls = []
+
+    @deferred_notify(rec="rec {height}")
+    def jump(height: int) -> None:
+        calls.append(height)
+
+    with pytest.raises(ChannelNotFound, match="'log'") as info:
+        jump(1, notify=["rec", "log"])
+    assert isinstance(info.value, LookupError)
+    assert isinstance(info.value, NotifyQueueError)
+    assert calls == []
+    assert queued == []
+
+
+def test_declared_channel_the_app_lacks_fails_before_the_body(
+    ctx: None, queued: list[Intent]
+) -> None:
+    calls = []
+
+    @deferred_notify(rec="rec {height}", sms="sms {height}")
+    def jump(height: int) -> None:
+        calls.append(height)
+
+    with pytest.raises(ChannelNotFound, match="'sms'") as info:
+        jump(1)
+    assert isinstance(info.value, NotifyQueueError)
+    assert calls == []
+    assert queued == []
+
+
+@pytest.mark.parametrize("notify", ["rec", 5], ids=["string", "not-iterable"])
+def test_notify_of_wrong_type_fails_before_the_body(
+    ctx: None, queued: list[Intent], notify: t.Any
+) -> None:
+    calls = []
+
+    @deferred_notify(rec="rec {height}")
+    def jump(height: int) -> None:
+        calls.append(height)
+
+    with pytest.raises(
+        TypeError, match=r"notify must be True, False or a list"
+    ) as info:
+        jump(1, notify=notify)
+    assert isinstance(info.value, NotifyQueueError)
+    assert repr(notify) in str(info.value)
+    assert calls == []
+    assert queued == []
+
+
+# -- checked at decoration ----------------------------------------------------
+
+
+def test_template_syntax_error_fails_at_decoration() -> None:
+    with pytest.raises(ValueError, match="syntax error"):
+
+        @deferred_notify(rec="{froggy.id")
+        def jump(froggy: Froggy) -> None:
+            pass
+
+
+def test_field_naming_no_parameter_fails_at_decoration() -> None:
+    with pytest.raises(TemplateError, match="'height' names no parameter") as info:
+
+        @deferred_notify(rec="{froggy.id} {height}")
+        def jump(froggy: Froggy) -> None:
+            pass
+
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{froggy.__class__.__init__.__globals__}",
+        "{froggy._secret}",
+        "{d[_secret]}",
+        {"subject": "Jump", "body": "{d[_secret]}"},
+    ],
+)
+def test_underscore_attribute_or_key_fails_at_decoration(template: t.Any) -> None:
+    with pytest.raises(ValueError, match="start with '_' are refused"):
+
+        @deferred_notify(rec=template)
+        def jump(froggy: Froggy, d: dict[str, str]) -> None:
+            pass
+
+
+@pytest.mark.parametrize("template", [5, ["{froggy.id}"], None])
+def test_non_string_template_fails_at_decoration(template: t.Any) -> None:
+    with pytest.raises(ValueError, match="must be a str template"):
+
+        @deferred_notify(rec=template)
+        def jump(froggy: Froggy) -> None:
+            pass
+
+
+def test_function_with_a_notify_parameter_is_refused() -> None:
+    with pytest.raises(ValueError, match="'notify' is\\s+reserved"):
+
+        @deferred_notify(rec="{froggy.id}")
+        def jump(froggy: Froggy, notify: bool = True) -> None:
+            pass
+
+
+def test_function_with_a_result_parameter_is_refused() -> None:
+    with pytest.raises(ValueError, match="'result' is\\s+reserved"):
+
+        @deferred_notify(rec="{froggy.id}")
+        def jump(froggy: Froggy, result: int = 0) -> None:
+            pass
+
+
+def test_decorator_without_templates_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least one channel template"):
+        deferred_notify()
+
+
+def test_notify_as_a_channel_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="'notify' cannot be a channel name"):
+        deferred_notify(notify="{x}")
+
+
+def test_async_function_is_refused() -> None:
+    with pytest.raises(ValueError, match="coroutine function"):
+
+        @deferred_notify(rec="{froggy.id}")
+        async def jump(froggy: Froggy) -> None:
+            pass
+
+
+# -- when rendering happens ---------------------------------------------------
+
+
+def test_payload_shows_the_state_the_call_produced(
+    ctx: None, rec: RecordingChannel
+) -> None:
+    @deferred_notify(rec="{froggy.id} jumped {froggy.jump_height}")
+    def jump(froggy: Froggy, height: str) -> None:
+        froggy.jump_height = height
+
+    froggy = Froggy(3)
+    jump(froggy, "50 metres")
+    froggy.jump_height = "changed after the call"
+    finalise()
+
+    assert rec.sent == ["3 jumped 50 metres"]
+
+
+def test_function_that_raises_queues_nothing(
+    ctx: None, queued: list[Intent], rec: RecordingChannel
+) -> None:
+    @deferred_notify(rec="{height}")
+    def jump(height: int) -> None:
+        raise KeyError("no pond")
+
+    with pytest.raises(KeyError, match="no pond"):
+        jump(1)
+    result = finalise()
+
+    assert queued == []
+    assert result.dispatched == []
+    assert rec.batches == []
+
+
+def test_return_value_passes_through(ctx: None) -> None:
+    landed = object()
+
+    @deferred_notify(rec="{height}")
+    def jump(height: int) -> object:
+        return landed
+
+    assert jump(1) is landed
+
+
+def test_wrapper_keeps_the_function_metadata() -> None:
+    def jump(froggy: Froggy) -> None:
+        """Make froggy jump."""
+
+    wrapped = deferred_notify(rec="{froggy.id}")(jump)
+
+    assert wrapped.__name__ == "jump"
+    assert wrapped.__qualname__ == jump.__qualname__
+    assert wrapped.__module__ == __name__
+    assert wrapped.__doc__ == "Make froggy jump."
+    assert wrapped.__wrapped__ is jump
+
+
+def test_render_failure_in_one_channel_queues_none(
+    ctx: None,
+    queued: list[Intent],
+    rec: RecordingChannel,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+
+    @deferred_notify(log="logged {froggy.id}", rec="{froggy.no_such_attribute}")
+    def jump(froggy: Froggy) -> None:
+        pass
+
+    with pytest.raises(TemplateError, match="no_such_attribute"):
+        jump(Froggy(3))
+    result = finalise()
+
+    assert queued == []
+    assert result.dispatched == []
+    assert rec.batches == []
+    assert "logged 3" not in caplog.messages
+
+
+def test_mail_header_failure_queues_no_other_channel(froggy_app: Flask) -> None:
+    @deferred_notify(
+        log="logged {froggy.id}", mail={"subject": "{froggy.name}", "body": "b"}
+    )
+    def jump(froggy: Froggy) -> None:
+        pass
+
+    with pytest.raises(ValueError, match="CR or LF"):
+        jump(Froggy(3, name="Fred\nBcc: victim@example.com"))
+    result = finalise()
+
+    assert result.dispatched == []
+
+
+# -- intent.source ------------------------------------------------------------
+
+
+@deferred_notify(rec="{height}")
+def module_jump(height: int) -> None:
+    pass
+
+
+class Pond:
+    @deferred_notify(rec="{height}")
+    def jump(self, height: int) -> None:
+        pass
+
+
+def test_source_is_module_and_qualname_of_a_function(
+    ctx: None, queued: list[Intent]
+) -> None:
+    module_jump(1)
+
+    assert [i.source for i in queued] == ["tests.test_decorators.module_jump"]
+
+
+def test_source_is_module_and_qualname_of_a_method(
+    ctx: None, queued: list[Intent]
+) -> None:
+    Pond().jump(1)
+
+    assert [i.source for i in queued] == ["tests.test_decorators.Pond.jump"]
+
+
+def test_enqueue_source_is_enqueue(ctx: None) -> None:
+    intent = enqueue("rec", "hello {who}", who="world")
+
+    assert intent.source == "enqueue"
+
+
+# -- enqueue() ----------------------------------------------------------------
+
+
+def test_enqueue_queues_one_rendered_intent_until_commit(
+    ctx: None, rec: RecordingChannel
+) -> None:
+    intent = enqueue("rec", "hello {who}", who="world")
+
+    assert intent.channel == "rec"
+    assert intent.payload == "hello world"
+    assert rec.batches == []
+    result = finalise()
+    assert result.dispatched == [intent]
+    assert rec.sent == ["hello world"]
+
+
+def test_enqueue_unknown_channel_names_the_configured_channels(ctx: None) -> None:
+    with pytest.raises(ChannelNotFound, match="'sms'; configured channels: log, rec"):
+        enqueue("sms", "hello")
+
+
+def test_enqueue_missing_context_field_raises_template_error(
+    ctx: None, queued: list[Intent]
+) -> None:
+    with pytest.raises(TemplateError, match="who"):
+        enqueue("rec", "hello {who}")
+    assert queued == []
+
+
+# -- signals ------------------------------------------------------------------
+
+
+def test_intent_queued_is_sent_with_the_app_and_the_intent(
+    app: Flask, ctx: None
+) -> None:
+    sent: list[tuple[t.Any, dict[str, t.Any]]] = []
+
+    def receiver(sender: t.Any, **kwargs: t.Any) -> None:
+        sent.append((sender, kwargs))
+
+    @deferred_notify(rec="{height}")
+    def jump(height: int) -> None:
+        pass
+
+    with signals.intent_queued.connected_to(receiver):
+        jump(1)
+        intent = enqueue("rec", "two")
+    result = finalise()
+
+    assert [sender for sender, _ in sent] == [app, app]
+    assert all(sender is app for sender, _ in sent)
+    assert [set(kwargs) for _, kwargs in sent] == [{"intent"}, {"intent"}]
+    assert sent[1][1]["intent"] is intent
+    assert [kwargs["intent"] for _, kwargs in sent] == result.dispatched

@@ -1,0 +1,257 @@
+from __future__ import annotations
+
+import typing as t
+
+import pytest
+
+from notifyqueue import TemplateError
+from notifyqueue.templates import (
+    Template,
+    compile_template,
+    compile_templates,
+    template_fields,
+)
+
+
+class Froggy:
+    id = 7
+    name = "Fred"
+    _secret = "hidden"
+
+
+# -- compile_template ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "fields"),
+    [
+        ("no fields at all", set()),
+        ("{froggy}", {"froggy"}),
+        ("{froggy.id} {froggy.name}", {"froggy"}),
+        ("{d[key]} {seq[0]} {a.b[c].d}", {"d", "seq", "a"}),
+        ("{x!r} {y!s} {z!a}", {"x", "y", "z"}),
+        ("{x:>10} {y!r:^12} {z:.2f}", {"x", "y", "z"}),
+        ("{{literal}} {x}", {"x"}),
+        ("line one\nline two {x}", {"x"}),
+    ],
+)
+def test_compile_template_accepts_named_fields(text: str, fields: set[str]) -> None:
+    template = compile_template(text)
+
+    assert isinstance(template, Template)
+    assert template == text
+    assert template.fields == frozenset(fields)
+
+
+@pytest.mark.parametrize("text", ["{}", "{0}", "{0.id}", "{0[key]}", "{!r}", "{:>3}"])
+def test_compile_template_refuses_positional_fields(text: str) -> None:
+    with pytest.raises(TemplateError, match="positional field"):
+        compile_template(text)
+
+
+def test_compile_template_refuses_nested_fields_in_a_spec() -> None:
+    with pytest.raises(TemplateError, match="nested fields in a format spec"):
+        compile_template("{x:{width}}")
+
+
+@pytest.mark.parametrize("text", ["{x!x}", "{x!q:>3}"])
+def test_compile_template_refuses_an_unknown_conversion(text: str) -> None:
+    with pytest.raises(TemplateError, match="unknown conversion"):
+        compile_template(text)
+
+
+@pytest.mark.parametrize("text", ["{x", "x}", "{x[}", "{x!}", "{x!rr}"])
+def test_compile_template_refuses_a_syntax_error(text: str) -> None:
+    with pytest.raises(TemplateError, match="syntax error"):
+        compile_template(text)
+
+
+@pytest.mark.parametrize("text", ["{x..y}", "{x.}", "{x[]}", "{x[a]b}"])
+def test_compile_template_refuses_a_malformed_field(text: str) -> None:
+    with pytest.raises(TemplateError, match="is malformed"):
+        compile_template(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{x._secret}",
+        "{x.__class__.__init__.__globals__}",
+        "{x[_secret]}",
+        "{x[0]._secret}",
+        "{x.a[__builtins__]}",
+    ],
+)
+def test_compile_template_refuses_underscore_attributes_and_keys(text: str) -> None:
+    with pytest.raises(TemplateError, match="start with '_' are refused"):
+        compile_template(text)
+
+
+def test_compile_template_allows_an_underscore_top_level_name() -> None:
+    # Only attribute and key lookups can reach interpreter internals.
+    assert compile_template("{_x}").fields == frozenset({"_x"})
+
+
+@pytest.mark.parametrize("value", [5, None, b"{x}", ["{x}"], {"body": "{x}"}])
+def test_compile_template_refuses_a_non_string(value: t.Any) -> None:
+    with pytest.raises(TemplateError, match="must be a str"):
+        compile_template(value)
+
+
+def test_compile_template_error_quotes_the_template() -> None:
+    with pytest.raises(TemplateError, match=r"Template '\{x\._y\}'"):
+        compile_template("{x._y}")
+
+
+def test_compile_template_returns_the_cached_object_for_the_same_text() -> None:
+    # Build equal strings at run time, so they are distinct objects.
+    first = "".join(["cached {x}", " template"])
+    second = "".join(["cached {x} ", "template"])
+    assert first is not second
+
+    assert compile_template(first) is compile_template(second)
+
+
+# -- render -------------------------------------------------------------------
+
+
+def test_render_fills_fields_from_the_context() -> None:
+    template = compile_template("{froggy.id} {froggy.name!r} {d[k]} {s[1]} {n:>4}")
+
+    text = template.render({"froggy": Froggy(), "d": {"k": "v"}, "s": "ab", "n": 5})
+
+    assert text == "7 'Fred' v b    5"
+
+
+def test_render_returns_a_plain_str() -> None:
+    # A payload must not be the shared, cached Template object.
+    for text in ("no fields", "one {x}"):
+        rendered = compile_template(text).render({"x": 1})
+        assert type(rendered) is str
+
+
+@pytest.mark.parametrize(
+    ("text", "context", "cause"),
+    [
+        ("{missing}", {}, KeyError),
+        ("{froggy.nope}", {"froggy": Froggy()}, AttributeError),
+        ("{seq[5]}", {"seq": [1]}, IndexError),
+        ("{n[0]}", {"n": 5}, TypeError),
+        ("{s:d}", {"s": "text"}, ValueError),
+    ],
+)
+def test_render_errors_become_template_errors(
+    text: str, context: dict[str, t.Any], cause: type[Exception]
+) -> None:
+    template = compile_template(text)
+
+    with pytest.raises(TemplateError, match="Cannot render template") as info:
+        template.render(context)
+    assert isinstance(info.value.__cause__, cause)
+    assert text in str(info.value)
+
+
+def test_render_one_line_errors_become_template_errors() -> None:
+    with pytest.raises(TemplateError, match="Cannot render template"):
+        compile_template("{missing}").render_one_line({})
+
+
+# -- render_one_line ----------------------------------------------------------
+
+
+def test_render_one_line_escapes_cr_and_lf_in_values() -> None:
+    template = compile_template("user {name} logged in")
+
+    text = template.render_one_line({"name": "eve\r\nINFO forged line\nend"})
+
+    assert text == "user eve\\r\\nINFO forged line\\nend logged in"
+    assert "\n" not in text and "\r" not in text
+
+
+def test_render_one_line_keeps_the_templates_own_line_breaks() -> None:
+    template = compile_template("first {a}\nsecond {b}\r\nthird")
+
+    assert (
+        template.render_one_line({"a": "x", "b": "y"}) == "first x\nsecond y\r\nthird"
+    )
+
+
+def test_render_one_line_escapes_values_but_keeps_template_line_breaks() -> None:
+    template = compile_template("first {a}\nsecond {b}")
+
+    text = template.render_one_line({"a": "x\ny", "b": "z"})
+
+    assert text == "first x\\ny\nsecond z"
+
+
+def test_render_one_line_applies_conversions_and_specs_when_escaping() -> None:
+    template = compile_template("{{ {a!s:>5} {b[k]} {c.name} }}")
+
+    class C:
+        name = "n\rm"
+
+    text = template.render_one_line({"a": "p\nq", "b": {"k": "\n"}, "c": C()})
+
+    # The spec pads the value, then its line break is escaped.
+    assert text == "{   p\\nq \\n n\\rm }"
+
+
+# -- compile_templates --------------------------------------------------------
+
+
+def test_compile_templates_compiles_a_str() -> None:
+    compiled = compile_templates("hello {who}", "@deferred_notify log=")
+
+    assert isinstance(compiled, Template)
+    assert compiled.fields == frozenset({"who"})
+
+
+def test_compile_templates_compiles_the_str_values_of_a_dict() -> None:
+    compiled = compile_templates(
+        {"subject": "Saved {item.id}", "body": "By {user}"}, "@deferred_notify mail="
+    )
+
+    assert isinstance(compiled["subject"], Template)
+    assert isinstance(compiled["body"], Template)
+    assert template_fields(compiled) == frozenset({"item", "user"})
+
+
+@pytest.mark.parametrize("recipients", [["a@example.com"], ("a@example.com",)])
+def test_compile_templates_keeps_a_list_of_strings_as_a_list(
+    recipients: t.Any,
+) -> None:
+    compiled = compile_templates(
+        {"subject": "s", "body": "b", "recipients": recipients}, "mail="
+    )
+
+    assert type(compiled["recipients"]) is list
+    assert compiled["recipients"] == ["a@example.com"]
+    assert not isinstance(compiled["recipients"][0], Template)
+
+
+@pytest.mark.parametrize("value", [5, None, ["ok", 5], {"nested": "dict"}])
+def test_compile_templates_refuses_other_dict_values_naming_the_key(
+    value: t.Any,
+) -> None:
+    with pytest.raises(
+        TemplateError, match=r"mail=\['body'\] must be a str template or a list"
+    ):
+        compile_templates({"subject": "s", "body": value}, "mail=")
+
+
+def test_compile_templates_refuses_a_non_string_key() -> None:
+    with pytest.raises(TemplateError, match="keys must be strings"):
+        compile_templates({1: "s"}, "mail=")
+
+
+@pytest.mark.parametrize("value", [5, None, ["{x}"]])
+def test_compile_templates_refuses_a_value_that_is_neither_str_nor_dict(
+    value: t.Any,
+) -> None:
+    with pytest.raises(TemplateError, match="^log= must be a str template or a dict"):
+        compile_templates(value, "log=")
+
+
+def test_compile_templates_errors_name_where_the_template_is() -> None:
+    with pytest.raises(TemplateError, match=r"^mail=\['subject'\]: Template"):
+        compile_templates({"subject": "{x", "body": "b"}, "mail=")
