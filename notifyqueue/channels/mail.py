@@ -27,7 +27,7 @@ class MailChannel(Channel):
     """Send each intent as an email through Flask-Mail.
 
     A batch shares one SMTP connection with a socket timeout. A refused
-    message fails alone; a broken connection fails the message in flight and
+    message fails alone (refused for any one recipient counts as failed); a broken connection fails the message in flight and
     the next one reconnects; a server that cannot be reached fails the rest.
     Each message carries an ``X-Notifyqueue-Intent`` header with the intent id.
 
@@ -164,6 +164,30 @@ class MailChannel(Channel):
             raise DeliveryError(failures)
 
 
+class _RefusalsRaise:
+    """``sendmail`` raises when some recipients were refused, not only all.
+
+    smtplib returns partial refusals, and Flask-Mail drops the return value:
+    without this a message that missed a recipient would count as delivered.
+    """
+
+    def sendmail(self, *args: t.Any, **kwargs: t.Any) -> dict[str, tuple[int, bytes]]:
+        refused: dict[str, tuple[int, bytes]] = super().sendmail(  # type: ignore[misc]
+            *args, **kwargs
+        )
+        if refused:
+            raise smtplib.SMTPRecipientsRefused(refused)
+        return refused
+
+
+class _SMTP(_RefusalsRaise, smtplib.SMTP):
+    pass
+
+
+class _SMTP_SSL(_RefusalsRaise, smtplib.SMTP_SSL):
+    pass
+
+
 class _Connection(Connection):
     """Flask-Mail's connection, with a socket timeout (it has none by default)."""
 
@@ -175,9 +199,9 @@ class _Connection(Connection):
         mail = self.mail
         host: smtplib.SMTP
         if mail.use_ssl:
-            host = smtplib.SMTP_SSL(mail.server, mail.port, timeout=self.timeout)
+            host = _SMTP_SSL(mail.server, mail.port, timeout=self.timeout)
         else:
-            host = smtplib.SMTP(mail.server, mail.port, timeout=self.timeout)
+            host = _SMTP(mail.server, mail.port, timeout=self.timeout)
         host.set_debuglevel(int(mail.debug))
         if mail.use_tls:
             host.starttls()

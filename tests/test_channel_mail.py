@@ -1,0 +1,820 @@
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+import typing as t
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from sqlalchemy.orm import scoped_session, sessionmaker
+
+from notifyqueue import (
+    ConfigurationError,
+    Intent,
+    NotifyQueue,
+    PayloadError,
+    TemplateError,
+    deferred_notify,
+    enqueue,
+    finalise,
+    signals,
+)
+
+from .helpers import Item, db
+
+RECIPIENTS = ["admin@example.com", "ops@example.com"]
+TEMPLATE = {"subject": "Saved {name}", "body": "Item {name} was saved."}
+
+
+# -- servers ----------------------------------------------------------------
+
+
+@dataclass
+class CountingSMTPServer:
+    """A real aiosmtpd server that also counts the SMTP sessions opened on it."""
+
+    host: str
+    port: int
+    messages: list[t.Any] = field(default_factory=list)
+    envelopes: list[list[str]] = field(default_factory=list)
+    refuse: set[str] = field(default_factory=set)
+    connections: int = 0
+
+    def config(self) -> dict[str, t.Any]:
+        return {
+            "MAIL_SERVER": self.host,
+            "MAIL_PORT": self.port,
+            "MAIL_SUPPRESS_SEND": False,
+        }
+
+
+class _CountingHandler:
+    def __init__(self, server: CountingSMTPServer) -> None:
+        self.server = server
+
+    # Every SMTP session smtplib opens starts with EHLO (or HELO as fallback).
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):  # type: ignore[no-untyped-def]
+        self.server.connections += 1
+        session.host_name = hostname
+        return responses
+
+    async def handle_HELO(self, server, session, envelope, hostname):  # type: ignore[no-untyped-def]
+        self.server.connections += 1
+        session.host_name = hostname
+        return f"250 {server.hostname}"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # type: ignore[no-untyped-def]
+        if address in self.server.refuse:
+            return "550 5.1.1 mailbox unavailable"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        self.server.envelopes.append(list(envelope.rcpt_tos))
+        self.server.messages.append(
+            message_from_bytes(envelope.content, policy=policy.default)
+        )
+        return "250 Message accepted for delivery"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def counting_smtp() -> t.Iterator[CountingSMTPServer]:
+    from aiosmtpd.controller import Controller
+
+    server = CountingSMTPServer("127.0.0.1", _free_port())
+    controller = Controller(
+        _CountingHandler(server),
+        hostname=server.host,
+        port=server.port,
+        loop=asyncio.new_event_loop(),
+    )
+    controller.start()
+    try:
+        yield server
+    finally:
+        controller.stop()
+        controller.loop.close()
+
+
+@pytest.fixture
+def silent_port() -> t.Iterator[int]:
+    """A port that accepts TCP connections and never says a word.
+
+    As a safety net the connections are closed after a few seconds, so a
+    missing socket timeout makes the test fail (server disconnected, no
+    timeout) instead of hanging.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.05)
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        deadline = time.monotonic() + 5
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+        for conn in held:
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+# -- helpers ----------------------------------------------------------------
+
+
+def _channels(**options: t.Any) -> dict[str, t.Any]:
+    return {"mail": {"type": "mail", "recipients": list(RECIPIENTS), **options}}
+
+
+def _mail_app(
+    make_app: t.Callable[..., Flask], server: t.Any, **options: t.Any
+) -> Flask:
+    return make_app(**server.config(), NOTIFYQUEUE_CHANNELS=_channels(**options))
+
+
+def _committed_names() -> list[str]:
+    """Item names as the database has them, read on a connection of its own."""
+    with db.engine.connect() as connection:
+        return list(connection.scalars(sa.select(Item.name).order_by(Item.name)).all())
+
+
+def _addresses(header: t.Any) -> list[str]:
+    return [address.addr_spec for address in header.addresses]
+
+
+def _body(message: t.Any) -> str:
+    # On the wire every line ends in CRLF; compare with the text as written.
+    return str(message.get_content()).replace("\r\n", "\n").removesuffix("\n")
+
+
+def _exception_chain(exc: BaseException | None) -> list[BaseException]:
+    chain = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def _queue_three_with_a_refused_one() -> list[Intent]:
+    return [
+        enqueue("mail", TEMPLATE, name="first"),
+        enqueue(
+            "mail",
+            {**TEMPLATE, "recipients": ["refused@example.com"]},
+            name="second",
+        ),
+        enqueue("mail", TEMPLATE, name="third"),
+    ]
+
+
+# -- delivery ---------------------------------------------------------------
+
+
+def test_batch_is_delivered_over_one_smtp_connection(
+    make_app: t.Callable[..., Flask], counting_smtp: CountingSMTPServer
+) -> None:
+    app = _mail_app(make_app, counting_smtp)
+    with app.app_context():
+        for name in ("a", "b", "c", "d"):
+            enqueue("mail", TEMPLATE, name=name)
+        result = finalise()
+
+    assert result.ok
+    assert len(counting_smtp.messages) == 4
+    assert counting_smtp.connections == 1
+
+
+def test_each_batch_opens_its_own_connection(
+    make_app: t.Callable[..., Flask], counting_smtp: CountingSMTPServer
+) -> None:
+    app = _mail_app(make_app, counting_smtp)
+    with app.app_context():
+        for batch in range(2):
+            enqueue("mail", TEMPLATE, name=f"a{batch}")
+            enqueue("mail", TEMPLATE, name=f"b{batch}")
+            finalise()
+
+    assert len(counting_smtp.messages) == 4
+    assert counting_smtp.connections == 2
+
+
+def test_messages_arrive_in_call_order_with_intent_id_header(
+    make_app: t.Callable[..., Flask], smtp_server: t.Any
+) -> None:
+    app = _mail_app(make_app, smtp_server)
+    with app.app_context():
+        intents = [enqueue("mail", TEMPLATE, name=str(n)) for n in range(3)]
+        finalise()
+
+    assert [m["X-Notifyqueue-Intent"] for m in smtp_server.messages] == [
+        intent.id for intent in intents
+    ]
+    assert [m["Subject"] for m in smtp_server.messages] == [
+        "Saved 0",
+        "Saved 1",
+        "Saved 2",
+    ]
+
+
+def test_message_carries_prefixed_subject_body_sender_and_recipients(
+    make_app: t.Callable[..., Flask], smtp_server: t.Any
+) -> None:
+    app = _mail_app(
+        make_app, smtp_server, subject_prefix="[shop] ", sender="shop@example.com"
+    )
+
+    @deferred_notify(
+        mail={"subject": "Saved {result.name}", "body": "Item #{result.id} saved."}
+    )
+    def save_item(name: str) -> Item:
+        item = Item(name=name)
+        db.session.add(item)
+        db.session.flush()
+        return item
+
+    with app.app_context():
+        item_id = save_item("apple").id
+        result = finalise()
+
+    assert result.ok
+    [message] = smtp_server.messages
+    assert message["Subject"] == "[shop] Saved apple"
+    assert _body(message) == f"Item #{item_id} saved."
+    assert _addresses(message["From"]) == ["shop@example.com"]
+    assert sorted(_addresses(message["To"])) == sorted(RECIPIENTS)
+    assert message["X-Notifyqueue-Intent"] == result.dispatched[0].id
+
+
+def test_sender_defaults_to_mail_default_sender(
+    make_app: t.Callable[..., Flask], smtp_server: t.Any
+) -> None:
+    app = make_app(
+        **smtp_server.config(),
+        MAIL_DEFAULT_SENDER="default@example.com",
+        NOTIFYQUEUE_CHANNELS=_channels(),
+    )
+    with app.app_context():
+        intent = enqueue("mail", TEMPLATE, name="x")
+        finalise()
+
+    assert intent.payload["sender"] == "default@example.com"
+    assert _addresses(smtp_server.messages[0]["From"]) == ["default@example.com"]
+
+
+def test_template_recipients_override_the_channel_recipients(
+    make_app: t.Callable[..., Flask], counting_smtp: CountingSMTPServer
+) -> None:
+    app = _mail_app(make_app, counting_smtp)
+    with app.app_context():
+        enqueue("mail", {**TEMPLATE, "recipients": ["boss@example.com"]}, name="x")
+        enqueue("mail", TEMPLATE, name="y")
+        finalise()
+
+    first, second = counting_smtp.messages
+    assert _addresses(first["To"]) == ["boss@example.com"]
+    assert counting_smtp.envelopes[0] == ["boss@example.com"]
+    assert sorted(_addresses(second["To"])) == sorted(RECIPIENTS)
+    assert sorted(counting_smtp.envelopes[1]) == sorted(RECIPIENTS)
+
+
+def test_non_ascii_subject_and_body_are_delivered_intact(
+    make_app: t.Callable[..., Flask], smtp_server: t.Any
+) -> None:
+    app = _mail_app(make_app, smtp_server, subject_prefix="[Bücher] ")
+    subject = "Grüße aus Zürich — 東京 ✓"
+    body = "Ärger mit «Ünïcödé»: 日本語のテキスト ✓\nzweite Zeile: ß€"
+    with app.app_context():
+        enqueue("mail", {"subject": "{s}", "body": "{b}"}, s=subject, b=body)
+        finalise()
+
+    [message] = smtp_server.messages
+    assert message["Subject"] == "[Bücher] " + subject
+    assert _body(message) == body
+
+
+# -- commit and rollback ----------------------------------------------------
+
+
+def test_nothing_reaches_the_server_before_commit(
+    make_app: t.Callable[..., Flask], counting_smtp: CountingSMTPServer
+) -> None:
+    app = _mail_app(make_app, counting_smtp)
+    with app.app_context():
+        enqueue("mail", TEMPLATE, name="x")
+        db.session.add(Item(name="x"))
+        db.session.flush()
+        assert counting_smtp.connections == 0
+        assert counting_smtp.messages == []
+
+        db.session.commit()
+
+    assert len(counting_smtp.messages) == 1
+
+
+def test_nothing_reaches_the_server_after_rollback(
+    make_app: t.Callable[..., Flask], counting_smtp: CountingSMTPServer
+) -> None:
+    app = _mail_app(make_app, counting_smtp)
+    with app.app_context():
+        db.session.add(Item(name="x"))
+        intent = enqueue("mail", TEMPLATE, name="x")
+        result = finalise(commit=False)
+        # The next transaction commits, and must not carry the discarded intent.
+        db.session.add(Item(name="y"))
+        finalise()
+
+    assert result.discarded == [intent]
+    assert counting_smtp.connections == 0
+    assert counting_smtp.messages == []
+
+
+# -- a refused recipient ----------------------------------------------------
+
+
+def test_refused_recipient_fails_only_its_message(
+    make_app: t.Callable[..., Flask], smtp_server: t.Any
+) -> None:
+    smtp_server.refuse.add("refused@example.com")
+    app = _mail_app(make_app, smtp_server)
+    with app.app_context():
+        first, second, third = _queue_three_with_a_refused_one()
+        result = finalise()
+
+    assert [m["X-Notifyqueue-Intent"] for m in smtp_server.messages] == [
+        first.id,
+        third.id,
+    ]
+    assert result.dispatched == [first, third]
+    [(failed, exc)] = result.failed
+    assert failed == second
+    assert "refused@example.com" in str(exc)
+    assert not result.ok
+
+
+def test_refused_recipient_keeps_the_batch_on_one_connection(
+    make_app: t.Callable[..., Flask], counting_smtp: CountingSMTPServer
+) -> None:
+    counting_smtp.refuse.add("refused@example.com")
+    app = _mail_app(make_app, counting_smtp)
+    with app.app_context():
+        _queue_three_with_a_refused_one()
+        finalise()
+
+    assert len(counting_smtp.messages) == 2
+    assert counting_smtp.connections == 1
+
+
+def test_recipient_refused_among_several_is_reported_as_a_failure(
+    make_app: t.Callable[..., Flask], smtp_server: t.Any
+) -> None:
+    # smtplib only raises when every recipient is refused; otherwise it
+    # returns the refused ones, and a channel that ignores them loses the
+    # notification for those recipients without a word.
+    smtp_server.refuse.add("refused@example.com")
+    app = make_app(
+        **smtp_server.config(),
+        NOTIFYQUEUE_CHANNELS=_channels(
+            recipients=["admin@example.com", "refused@example.com"]
+        ),
+    )
+    with app.app_context():
+        intent = enqueue("mail", TEMPLATE, name="x")
+        result = finalise()
+
+    assert len(smtp_server.messages) == 1  # admin@example.com got it
+    assert [failed for failed, _ in result.failed] == [intent]
+    assert "refused@example.com" in str(result.failed[0][1])
+
+
+def test_refused_recipient_is_logged_at_error_with_traceback(
+    make_app: t.Callable[..., Flask],
+    smtp_server: t.Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    smtp_server.refuse.add("refused@example.com")
+    app = _mail_app(make_app, smtp_server)
+    caplog.set_level(logging.ERROR, logger="notifyqueue")
+    with app.app_context():
+        _, second, _ = _queue_three_with_a_refused_one()
+        result = finalise()
+
+    [(_, exc)] = result.failed
+    records = [
+        r
+        for r in caplog.records
+        if r.name == "notifyqueue" and r.levelno == logging.ERROR
+    ]
+    [record] = records
+    assert second.id in record.getMessage()
+    assert record.exc_info is not None
+    assert record.exc_info[1] is exc
+    assert record.exc_info[2] is not None
+
+
+def test_refused_recipient_sends_intent_failed(
+    make_app: t.Callable[..., Flask], smtp_server: t.Any
+) -> None:
+    smtp_server.refuse.add("refused@example.com")
+    app = _mail_app(make_app, smtp_server)
+    received: list[tuple[t.Any, Intent, BaseException]] = []
+
+    def on_failed(sender: t.Any, intent: Intent, exception: BaseException) -> None:
+        received.append((sender, intent, exception))
+
+    with signals.intent_failed.connected_to(on_failed, sender=app):
+        with app.app_context():
+            _, second, _ = _queue_three_with_a_refused_one()
+            result = finalise()
+
+    [(failed, exc)] = result.failed
+    assert received == [(app, second, exc)]
+
+
+def test_refused_recipient_leaves_the_commit_committed(
+    make_app: t.Callable[..., Flask], smtp_server: t.Any
+) -> None:
+    smtp_server.refuse.add("refused@example.com")
+    app = _mail_app(make_app, smtp_server)
+    with app.app_context():
+        db.session.add(Item(name="kept"))
+        _queue_three_with_a_refused_one()
+        result = finalise()
+
+        assert result.committed
+        assert _committed_names() == ["kept"]
+
+
+# -- an unreachable or silent server ----------------------------------------
+
+
+def test_unreachable_server_fails_every_intent_without_raising(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    app = make_app(
+        MAIL_SERVER="127.0.0.1",
+        MAIL_PORT=_free_port(),  # nothing listens there
+        MAIL_SUPPRESS_SEND=False,
+        NOTIFYQUEUE_CHANNELS=_channels(),
+    )
+    with app.app_context():
+        intents = [enqueue("mail", TEMPLATE, name=str(n)) for n in range(3)]
+        result = finalise()
+
+    assert result.committed
+    assert not result.ok
+    assert result.dispatched == []
+    assert [intent for intent, _ in result.failed] == intents
+    assert all(isinstance(exc, OSError) for _, exc in result.failed)
+
+
+def test_unreachable_server_leaves_the_commit_committed(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    app = make_app(
+        MAIL_SERVER="127.0.0.1",
+        MAIL_PORT=_free_port(),
+        MAIL_SUPPRESS_SEND=False,
+        NOTIFYQUEUE_CHANNELS=_channels(),
+    )
+    with app.app_context():
+        db.session.add(Item(name="kept"))
+        enqueue("mail", TEMPLATE, name="kept")
+        finalise()
+
+        assert _committed_names() == ["kept"]
+
+
+def test_timeout_option_fails_delivery_to_a_silent_server(
+    make_app: t.Callable[..., Flask], silent_port: int
+) -> None:
+    app = make_app(
+        MAIL_SERVER="127.0.0.1",
+        MAIL_PORT=silent_port,
+        MAIL_SUPPRESS_SEND=False,
+        NOTIFYQUEUE_CHANNELS=_channels(timeout=0.5),
+    )
+    with app.app_context():
+        db.session.add(Item(name="kept"))
+        intent = enqueue("mail", TEMPLATE, name="x")
+        result = finalise()
+
+        assert _committed_names() == ["kept"]
+    [(failed, exc)] = result.failed
+    assert failed == intent
+    assert isinstance(exc, OSError)
+    assert any(isinstance(e, TimeoutError) for e in _exception_chain(exc))
+
+
+# -- CR/LF in headers -------------------------------------------------------
+
+
+@pytest.mark.parametrize("line_break", ["\n", "\r", "\r\n"])
+def test_line_break_in_rendered_subject_raises_when_the_function_returns(
+    make_app: t.Callable[..., Flask], smtp_server: t.Any, line_break: str
+) -> None:
+    app = _mail_app(make_app, smtp_server)
+    calls: list[str] = []
+
+    @deferred_notify(mail={"subject": "Saved {name}", "body": "Saved {name}."})
+    def save_item(name: str) -> None:
+        calls.append(name)
+        db.session.add(Item(name="x"))
+
+    with app.app_context():
+        with pytest.raises(PayloadError, match="CR or LF") as excinfo:
+            save_item(f"x{line_break}Bcc: victim@example.com")
+        assert calls, "the error is raised after the function body ran"
+        result = finalise()
+
+    assert isinstance(excinfo.value, ValueError)
+    assert result.dispatched == []
+    assert smtp_server.messages == []
+
+
+def test_line_break_in_enqueued_subject_raises_at_enqueue(
+    make_app: t.Callable[..., Flask], smtp_server: t.Any
+) -> None:
+    app = _mail_app(make_app, smtp_server)
+    queued: list[Intent] = []
+
+    def on_queued(sender: t.Any, intent: Intent) -> None:
+        queued.append(intent)
+
+    with signals.intent_queued.connected_to(on_queued), app.app_context():
+        with pytest.raises(PayloadError, match="subject"):
+            enqueue("mail", TEMPLATE, name="x\r\nBcc: victim@example.com")
+        result = finalise()
+
+    assert queued == []
+    assert result.dispatched == []
+    assert smtp_server.messages == []
+
+
+def test_line_break_in_recipients_override_raises_at_queue_time(
+    make_app: t.Callable[..., Flask], smtp_server: t.Any
+) -> None:
+    app = _mail_app(make_app, smtp_server)
+    template = {**TEMPLATE, "recipients": ["a@example.com\r\nBcc: victim@example.com"]}
+    with app.app_context():
+        with pytest.raises(PayloadError, match="CR or LF"):
+            enqueue("mail", template, name="x")
+        result = finalise()
+
+    assert result.dispatched == []
+    assert smtp_server.messages == []
+
+
+def test_line_break_in_recipients_override_of_a_decorator_raises_at_call(
+    make_app: t.Callable[..., Flask], smtp_server: t.Any
+) -> None:
+    app = _mail_app(make_app, smtp_server)
+
+    @deferred_notify(
+        mail={**TEMPLATE, "recipients": ["a@example.com\nBcc: victim@example.com"]}
+    )
+    def save_item(name: str) -> None:
+        pass
+
+    with app.app_context():
+        with pytest.raises(PayloadError, match="CR or LF"):
+            save_item("x")
+        result = finalise()
+
+    assert result.dispatched == []
+    assert smtp_server.messages == []
+
+
+def test_payload_error_queues_no_intent_for_any_channel(
+    make_app: t.Callable[..., Flask], smtp_server: t.Any
+) -> None:
+    app = make_app(
+        **smtp_server.config(),
+        NOTIFYQUEUE_CHANNELS={
+            "rec": {"type": "tests.helpers:RecordingChannel"},
+            **_channels(),
+        },
+    )
+
+    @deferred_notify(rec="Saved {name}", mail=TEMPLATE)
+    def save_item(name: str) -> None:
+        pass
+
+    with app.app_context():
+        with pytest.raises(PayloadError):
+            save_item("x\nBcc: victim@example.com")
+        result = finalise()
+
+    assert result.dispatched == []
+    assert app.extensions["notifyqueue"].channels["rec"].batches == []
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(
+            {"NOTIFYQUEUE_CHANNELS": _channels(sender="a@x.com\r\nBcc: v@x.com")},
+            id="option",
+        ),
+        pytest.param(
+            {
+                "MAIL_DEFAULT_SENDER": "a@x.com\nBcc: v@x.com",
+                "NOTIFYQUEUE_CHANNELS": _channels(),
+            },
+            id="MAIL_DEFAULT_SENDER",
+        ),
+    ],
+)
+def test_line_break_in_sender_is_refused_before_anything_is_queued(
+    make_app: t.Callable[..., Flask], config: dict[str, t.Any]
+) -> None:
+    # The sender is not part of a template: it comes from the config, so it
+    # is refused when the app starts, before any intent can be queued.
+    app = make_app(init=False, **config)
+    with pytest.raises(
+        ConfigurationError, match=r"NOTIFYQUEUE_CHANNELS\['mail'\].*CR or LF"
+    ) as excinfo:
+        NotifyQueue(app)
+    assert isinstance(excinfo.value.__cause__, PayloadError)
+
+
+def test_line_break_in_subject_prefix_fails_at_init_app(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    app = make_app(
+        init=False, NOTIFYQUEUE_CHANNELS=_channels(subject_prefix="[x]\nBcc: v@x.com ")
+    )
+    with pytest.raises(
+        ConfigurationError, match=r"NOTIFYQUEUE_CHANNELS\['mail'\].*subject_prefix"
+    ):
+        NotifyQueue(app)
+
+
+# -- template shape ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("template", "match"),
+    [
+        pytest.param("Saved {name}", "takes a dict template", id="not-a-dict"),
+        pytest.param({"subject": "Saved {name}"}, r"missing \['body'\]", id="no-body"),
+        pytest.param(
+            {"body": "Saved {name}"}, r"missing \['subject'\]", id="no-subject"
+        ),
+        pytest.param(
+            {**TEMPLATE, "cc": ["x@example.com"]}, r"unknown \['cc'\]", id="unknown-key"
+        ),
+    ],
+)
+def test_template_shape_error_raises_at_enqueue(
+    make_app: t.Callable[..., Flask], smtp_server: t.Any, template: t.Any, match: str
+) -> None:
+    app = _mail_app(make_app, smtp_server)
+    with app.app_context():
+        with pytest.raises(TemplateError, match=match):
+            enqueue("mail", template, name="x")
+        result = finalise()
+
+    assert result.dispatched == []
+    assert smtp_server.messages == []
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        pytest.param("Saved {name}", id="not-a-dict"),
+        pytest.param({"subject": "Saved {name}"}, id="no-body"),
+        pytest.param({**TEMPLATE, "reply_to": "Saved {name}"}, id="unknown-key"),
+    ],
+)
+def test_template_shape_error_raises_when_the_decorated_function_returns(
+    make_app: t.Callable[..., Flask], smtp_server: t.Any, template: t.Any
+) -> None:
+    app = _mail_app(make_app, smtp_server)
+
+    @deferred_notify(mail=template)
+    def save_item(name: str) -> str:
+        return name
+
+    with app.app_context():
+        with pytest.raises(TemplateError, match=r"Channel 'mail' \(mail\)"):
+            save_item("x")
+        result = finalise()
+
+    assert result.dispatched == []
+    assert smtp_server.messages == []
+
+
+# -- MAIL_SUPPRESS_SEND -----------------------------------------------------
+
+
+def test_suppressed_send_reaches_no_server_but_record_messages_sees_it(
+    make_app: t.Callable[..., Flask], counting_smtp: CountingSMTPServer
+) -> None:
+    # TESTING=True makes Flask-Mail's MAIL_SUPPRESS_SEND default to True.
+    app = make_app(
+        MAIL_SERVER=counting_smtp.host,
+        MAIL_PORT=counting_smtp.port,
+        NOTIFYQUEUE_CHANNELS=_channels(subject_prefix="[t] "),
+    )
+    mail = app.extensions["mail"]
+    assert mail.suppress
+    with app.app_context(), mail.record_messages() as outbox:
+        intents = [enqueue("mail", TEMPLATE, name=n) for n in ("a", "b")]
+        result = finalise()
+
+    assert result.ok
+    assert [m.subject for m in outbox] == ["[t] Saved a", "[t] Saved b"]
+    assert [m.extra_headers["X-Notifyqueue-Intent"] for m in outbox] == [
+        intent.id for intent in intents
+    ]
+    assert [m.recipients for m in outbox] == [RECIPIENTS, RECIPIENTS]
+    assert counting_smtp.connections == 0
+    assert counting_smtp.messages == []
+
+
+# -- init_app ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        pytest.param({"recipients": []}, "recipients", id="empty-recipients"),
+        pytest.param(
+            {"recipients": "admin@example.com"}, "recipients", id="recipients-str"
+        ),
+        pytest.param({"recipients": [""]}, "recipients", id="empty-address"),
+        pytest.param({"timeout": 0}, "timeout", id="timeout-zero"),
+        pytest.param({"timeout": -1.5}, "timeout", id="timeout-negative"),
+        pytest.param({"timeout": "10"}, "timeout", id="timeout-str"),
+        pytest.param({"cc": ["x@example.com"]}, "cc", id="unknown-option"),
+    ],
+)
+def test_bad_option_fails_at_init_app(
+    make_app: t.Callable[..., Flask], options: dict[str, t.Any], match: str
+) -> None:
+    app = make_app(init=False, NOTIFYQUEUE_CHANNELS=_channels(**options))
+    with pytest.raises(
+        ConfigurationError, match=rf"NOTIFYQUEUE_CHANNELS\['mail'\].*{match}"
+    ):
+        NotifyQueue(app)
+    assert "notifyqueue" not in app.extensions
+
+
+def test_missing_recipients_fails_at_init_app(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    app = make_app(init=False, NOTIFYQUEUE_CHANNELS={"mail": {"type": "mail"}})
+    with pytest.raises(
+        ConfigurationError, match=r"NOTIFYQUEUE_CHANNELS\['mail'\].*recipients"
+    ):
+        NotifyQueue(app)
+
+
+def test_no_sender_anywhere_fails_at_init_app(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    app = make_app(
+        init=False, MAIL_DEFAULT_SENDER=None, NOTIFYQUEUE_CHANNELS=_channels()
+    )
+    with pytest.raises(
+        ConfigurationError, match=r"NOTIFYQUEUE_CHANNELS\['mail'\].*sender"
+    ):
+        NotifyQueue(app)
+
+
+def test_flask_mail_not_initialised_fails_at_init_app() -> None:
+    app = Flask("no_mail")
+    app.config.update(
+        MAIL_DEFAULT_SENDER="notify@example.com",
+        NOTIFYQUEUE_CHANNELS=_channels(),
+    )
+    session = scoped_session(sessionmaker())
+    with pytest.raises(
+        ConfigurationError, match=r"NOTIFYQUEUE_CHANNELS\['mail'\].*Flask-Mail"
+    ):
+        NotifyQueue(app, session=session)
+    assert "notifyqueue" not in app.extensions
