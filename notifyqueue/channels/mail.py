@@ -27,8 +27,9 @@ class MailChannel(Channel):
     """Send each intent as an email through Flask-Mail.
 
     A batch shares one SMTP connection with a socket timeout. A refused
-    message fails alone (refused for any one recipient counts as failed); a broken connection fails the message in flight and
-    the next one reconnects; a server that cannot be reached fails the rest.
+    message fails alone (refused for any one recipient counts as failed); a
+    broken connection fails the message in flight and the next one
+    reconnects; a server that cannot be reached fails the rest.
     Each message carries an ``X-Notifyqueue-Intent`` header with the intent id.
 
     :param recipients: the default recipients, a non-empty list of addresses.
