@@ -5,6 +5,7 @@ import os
 import socket
 import typing as t
 from dataclasses import dataclass, field
+from email import message_from_bytes, policy
 
 import pytest
 from flask import Flask
@@ -143,12 +144,19 @@ def ctx(app: Flask) -> t.Iterator[None]:
 
 @dataclass
 class SMTPServer:
-    """A real SMTP server (aiosmtpd) on a free loopback port."""
+    """A real SMTP server (aiosmtpd) on a free loopback port.
+
+    ``messages`` holds each message received, parsed; ``envelopes`` the
+    recipients each was accepted for; ``connections`` counts SMTP sessions;
+    addresses in ``refuse`` are answered 550.
+    """
 
     host: str
     port: int
     messages: list[t.Any] = field(default_factory=list)
+    envelopes: list[list[str]] = field(default_factory=list)
     refuse: set[str] = field(default_factory=set)
+    connections: int = 0
 
     def config(self) -> dict[str, t.Any]:
         return {
@@ -162,6 +170,17 @@ class _Handler:
     def __init__(self, server: SMTPServer) -> None:
         self.server = server
 
+    # Every SMTP session smtplib opens starts with EHLO (or HELO as fallback).
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):  # type: ignore[no-untyped-def]
+        self.server.connections += 1
+        session.host_name = hostname
+        return responses
+
+    async def handle_HELO(self, server, session, envelope, hostname):  # type: ignore[no-untyped-def]
+        self.server.connections += 1
+        session.host_name = hostname
+        return f"250 {server.hostname}"
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # type: ignore[no-untyped-def]
         if address in self.server.refuse:
             return "550 5.1.1 mailbox unavailable"
@@ -169,8 +188,7 @@ class _Handler:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
-        from email import message_from_bytes, policy
-
+        self.server.envelopes.append(list(envelope.rcpt_tos))
         self.server.messages.append(
             message_from_bytes(envelope.content, policy=policy.default)
         )

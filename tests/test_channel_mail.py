@@ -1,13 +1,10 @@
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import threading
 import time
 import typing as t
-from dataclasses import dataclass, field
-from email import message_from_bytes, policy
 
 import pytest
 import sqlalchemy as sa
@@ -26,86 +23,11 @@ from notifyqueue import (
     signals,
 )
 
+from .conftest import SMTPServer, free_port
 from .helpers import Item, db
 
 RECIPIENTS = ["admin@example.com", "ops@example.com"]
 TEMPLATE = {"subject": "Saved {name}", "body": "Item {name} was saved."}
-
-
-# -- servers ----------------------------------------------------------------
-
-
-@dataclass
-class CountingSMTPServer:
-    """A real aiosmtpd server that also counts the SMTP sessions opened on it."""
-
-    host: str
-    port: int
-    messages: list[t.Any] = field(default_factory=list)
-    envelopes: list[list[str]] = field(default_factory=list)
-    refuse: set[str] = field(default_factory=set)
-    connections: int = 0
-
-    def config(self) -> dict[str, t.Any]:
-        return {
-            "MAIL_SERVER": self.host,
-            "MAIL_PORT": self.port,
-            "MAIL_SUPPRESS_SEND": False,
-        }
-
-
-class _CountingHandler:
-    def __init__(self, server: CountingSMTPServer) -> None:
-        self.server = server
-
-    # Every SMTP session smtplib opens starts with EHLO (or HELO as fallback).
-    async def handle_EHLO(self, server, session, envelope, hostname, responses):  # type: ignore[no-untyped-def]
-        self.server.connections += 1
-        session.host_name = hostname
-        return responses
-
-    async def handle_HELO(self, server, session, envelope, hostname):  # type: ignore[no-untyped-def]
-        self.server.connections += 1
-        session.host_name = hostname
-        return f"250 {server.hostname}"
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # type: ignore[no-untyped-def]
-        if address in self.server.refuse:
-            return "550 5.1.1 mailbox unavailable"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
-        self.server.envelopes.append(list(envelope.rcpt_tos))
-        self.server.messages.append(
-            message_from_bytes(envelope.content, policy=policy.default)
-        )
-        return "250 Message accepted for delivery"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def counting_smtp() -> t.Iterator[CountingSMTPServer]:
-    from aiosmtpd.controller import Controller
-
-    server = CountingSMTPServer("127.0.0.1", _free_port())
-    controller = Controller(
-        _CountingHandler(server),
-        hostname=server.host,
-        port=server.port,
-        loop=asyncio.new_event_loop(),
-    )
-    controller.start()
-    try:
-        yield server
-    finally:
-        controller.stop()
-        controller.loop.close()
 
 
 @pytest.fixture
@@ -195,35 +117,35 @@ def _queue_three_with_a_refused_one() -> list[Intent]:
 
 
 def test_batch_is_delivered_over_one_smtp_connection(
-    make_app: t.Callable[..., Flask], counting_smtp: CountingSMTPServer
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
 ) -> None:
-    app = _mail_app(make_app, counting_smtp)
+    app = _mail_app(make_app, smtp_server)
     with app.app_context():
         for name in ("a", "b", "c", "d"):
             enqueue("mail", TEMPLATE, name=name)
         result = finalise()
 
     assert result.ok
-    assert len(counting_smtp.messages) == 4
-    assert counting_smtp.connections == 1
+    assert len(smtp_server.messages) == 4
+    assert smtp_server.connections == 1
 
 
 def test_each_batch_opens_its_own_connection(
-    make_app: t.Callable[..., Flask], counting_smtp: CountingSMTPServer
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
 ) -> None:
-    app = _mail_app(make_app, counting_smtp)
+    app = _mail_app(make_app, smtp_server)
     with app.app_context():
         for batch in range(2):
             enqueue("mail", TEMPLATE, name=f"a{batch}")
             enqueue("mail", TEMPLATE, name=f"b{batch}")
             finalise()
 
-    assert len(counting_smtp.messages) == 4
-    assert counting_smtp.connections == 2
+    assert len(smtp_server.messages) == 4
+    assert smtp_server.connections == 2
 
 
 def test_messages_arrive_in_call_order_with_intent_id_header(
-    make_app: t.Callable[..., Flask], smtp_server: t.Any
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
 ) -> None:
     app = _mail_app(make_app, smtp_server)
     with app.app_context():
@@ -241,7 +163,7 @@ def test_messages_arrive_in_call_order_with_intent_id_header(
 
 
 def test_message_carries_prefixed_subject_body_sender_and_recipients(
-    make_app: t.Callable[..., Flask], smtp_server: t.Any
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
 ) -> None:
     app = _mail_app(
         make_app, smtp_server, subject_prefix="[shop] ", sender="shop@example.com"
@@ -270,7 +192,7 @@ def test_message_carries_prefixed_subject_body_sender_and_recipients(
 
 
 def test_sender_defaults_to_mail_default_sender(
-    make_app: t.Callable[..., Flask], smtp_server: t.Any
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
 ) -> None:
     app = make_app(
         **smtp_server.config(),
@@ -286,23 +208,23 @@ def test_sender_defaults_to_mail_default_sender(
 
 
 def test_template_recipients_override_the_channel_recipients(
-    make_app: t.Callable[..., Flask], counting_smtp: CountingSMTPServer
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
 ) -> None:
-    app = _mail_app(make_app, counting_smtp)
+    app = _mail_app(make_app, smtp_server)
     with app.app_context():
         enqueue("mail", {**TEMPLATE, "recipients": ["boss@example.com"]}, name="x")
         enqueue("mail", TEMPLATE, name="y")
         finalise()
 
-    first, second = counting_smtp.messages
+    first, second = smtp_server.messages
     assert _addresses(first["To"]) == ["boss@example.com"]
-    assert counting_smtp.envelopes[0] == ["boss@example.com"]
+    assert smtp_server.envelopes[0] == ["boss@example.com"]
     assert sorted(_addresses(second["To"])) == sorted(RECIPIENTS)
-    assert sorted(counting_smtp.envelopes[1]) == sorted(RECIPIENTS)
+    assert sorted(smtp_server.envelopes[1]) == sorted(RECIPIENTS)
 
 
 def test_non_ascii_subject_and_body_are_delivered_intact(
-    make_app: t.Callable[..., Flask], smtp_server: t.Any
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
 ) -> None:
     app = _mail_app(make_app, smtp_server, subject_prefix="[Bücher] ")
     subject = "Grüße aus Zürich — 東京 ✓"
@@ -320,25 +242,25 @@ def test_non_ascii_subject_and_body_are_delivered_intact(
 
 
 def test_nothing_reaches_the_server_before_commit(
-    make_app: t.Callable[..., Flask], counting_smtp: CountingSMTPServer
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
 ) -> None:
-    app = _mail_app(make_app, counting_smtp)
+    app = _mail_app(make_app, smtp_server)
     with app.app_context():
         enqueue("mail", TEMPLATE, name="x")
         db.session.add(Item(name="x"))
         db.session.flush()
-        assert counting_smtp.connections == 0
-        assert counting_smtp.messages == []
+        assert smtp_server.connections == 0
+        assert smtp_server.messages == []
 
         db.session.commit()
 
-    assert len(counting_smtp.messages) == 1
+    assert len(smtp_server.messages) == 1
 
 
 def test_nothing_reaches_the_server_after_rollback(
-    make_app: t.Callable[..., Flask], counting_smtp: CountingSMTPServer
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
 ) -> None:
-    app = _mail_app(make_app, counting_smtp)
+    app = _mail_app(make_app, smtp_server)
     with app.app_context():
         db.session.add(Item(name="x"))
         intent = enqueue("mail", TEMPLATE, name="x")
@@ -348,15 +270,15 @@ def test_nothing_reaches_the_server_after_rollback(
         finalise()
 
     assert result.discarded == [intent]
-    assert counting_smtp.connections == 0
-    assert counting_smtp.messages == []
+    assert smtp_server.connections == 0
+    assert smtp_server.messages == []
 
 
 # -- a refused recipient ----------------------------------------------------
 
 
 def test_refused_recipient_fails_only_its_message(
-    make_app: t.Callable[..., Flask], smtp_server: t.Any
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
 ) -> None:
     smtp_server.refuse.add("refused@example.com")
     app = _mail_app(make_app, smtp_server)
@@ -376,20 +298,20 @@ def test_refused_recipient_fails_only_its_message(
 
 
 def test_refused_recipient_keeps_the_batch_on_one_connection(
-    make_app: t.Callable[..., Flask], counting_smtp: CountingSMTPServer
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
 ) -> None:
-    counting_smtp.refuse.add("refused@example.com")
-    app = _mail_app(make_app, counting_smtp)
+    smtp_server.refuse.add("refused@example.com")
+    app = _mail_app(make_app, smtp_server)
     with app.app_context():
         _queue_three_with_a_refused_one()
         finalise()
 
-    assert len(counting_smtp.messages) == 2
-    assert counting_smtp.connections == 1
+    assert len(smtp_server.messages) == 2
+    assert smtp_server.connections == 1
 
 
 def test_recipient_refused_among_several_is_reported_as_a_failure(
-    make_app: t.Callable[..., Flask], smtp_server: t.Any
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
 ) -> None:
     # smtplib only raises when every recipient is refused; otherwise it
     # returns the refused ones, and a channel that ignores them loses the
@@ -412,7 +334,7 @@ def test_recipient_refused_among_several_is_reported_as_a_failure(
 
 def test_refused_recipient_is_logged_at_error_with_traceback(
     make_app: t.Callable[..., Flask],
-    smtp_server: t.Any,
+    smtp_server: SMTPServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     smtp_server.refuse.add("refused@example.com")
@@ -436,7 +358,7 @@ def test_refused_recipient_is_logged_at_error_with_traceback(
 
 
 def test_refused_recipient_sends_intent_failed(
-    make_app: t.Callable[..., Flask], smtp_server: t.Any
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
 ) -> None:
     smtp_server.refuse.add("refused@example.com")
     app = _mail_app(make_app, smtp_server)
@@ -455,7 +377,7 @@ def test_refused_recipient_sends_intent_failed(
 
 
 def test_refused_recipient_leaves_the_commit_committed(
-    make_app: t.Callable[..., Flask], smtp_server: t.Any
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
 ) -> None:
     smtp_server.refuse.add("refused@example.com")
     app = _mail_app(make_app, smtp_server)
@@ -476,7 +398,7 @@ def test_unreachable_server_fails_every_intent_without_raising(
 ) -> None:
     app = make_app(
         MAIL_SERVER="127.0.0.1",
-        MAIL_PORT=_free_port(),  # nothing listens there
+        MAIL_PORT=free_port(),  # nothing listens there
         MAIL_SUPPRESS_SEND=False,
         NOTIFYQUEUE_CHANNELS=_channels(),
     )
@@ -496,7 +418,7 @@ def test_unreachable_server_leaves_the_commit_committed(
 ) -> None:
     app = make_app(
         MAIL_SERVER="127.0.0.1",
-        MAIL_PORT=_free_port(),
+        MAIL_PORT=free_port(),
         MAIL_SUPPRESS_SEND=False,
         NOTIFYQUEUE_CHANNELS=_channels(),
     )
@@ -534,7 +456,7 @@ def test_timeout_option_fails_delivery_to_a_silent_server(
 
 @pytest.mark.parametrize("line_break", ["\n", "\r", "\r\n"])
 def test_line_break_in_rendered_subject_raises_when_the_function_returns(
-    make_app: t.Callable[..., Flask], smtp_server: t.Any, line_break: str
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer, line_break: str
 ) -> None:
     app = _mail_app(make_app, smtp_server)
     calls: list[str] = []
@@ -556,7 +478,7 @@ def test_line_break_in_rendered_subject_raises_when_the_function_returns(
 
 
 def test_line_break_in_enqueued_subject_raises_at_enqueue(
-    make_app: t.Callable[..., Flask], smtp_server: t.Any
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
 ) -> None:
     app = _mail_app(make_app, smtp_server)
     queued: list[Intent] = []
@@ -575,7 +497,7 @@ def test_line_break_in_enqueued_subject_raises_at_enqueue(
 
 
 def test_line_break_in_recipients_override_raises_at_queue_time(
-    make_app: t.Callable[..., Flask], smtp_server: t.Any
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
 ) -> None:
     app = _mail_app(make_app, smtp_server)
     template = {**TEMPLATE, "recipients": ["a@example.com\r\nBcc: victim@example.com"]}
@@ -589,7 +511,7 @@ def test_line_break_in_recipients_override_raises_at_queue_time(
 
 
 def test_line_break_in_recipients_override_of_a_decorator_raises_at_call(
-    make_app: t.Callable[..., Flask], smtp_server: t.Any
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
 ) -> None:
     app = _mail_app(make_app, smtp_server)
 
@@ -609,7 +531,7 @@ def test_line_break_in_recipients_override_of_a_decorator_raises_at_call(
 
 
 def test_payload_error_queues_no_intent_for_any_channel(
-    make_app: t.Callable[..., Flask], smtp_server: t.Any
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
 ) -> None:
     app = make_app(
         **smtp_server.config(),
@@ -690,7 +612,10 @@ def test_line_break_in_subject_prefix_fails_at_init_app(
     ],
 )
 def test_template_shape_error_raises_at_enqueue(
-    make_app: t.Callable[..., Flask], smtp_server: t.Any, template: t.Any, match: str
+    make_app: t.Callable[..., Flask],
+    smtp_server: SMTPServer,
+    template: t.Any,
+    match: str,
 ) -> None:
     app = _mail_app(make_app, smtp_server)
     with app.app_context():
@@ -711,7 +636,7 @@ def test_template_shape_error_raises_at_enqueue(
     ],
 )
 def test_template_shape_error_raises_when_the_decorated_function_returns(
-    make_app: t.Callable[..., Flask], smtp_server: t.Any, template: t.Any
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer, template: t.Any
 ) -> None:
     app = _mail_app(make_app, smtp_server)
 
@@ -732,12 +657,12 @@ def test_template_shape_error_raises_when_the_decorated_function_returns(
 
 
 def test_suppressed_send_reaches_no_server_but_record_messages_sees_it(
-    make_app: t.Callable[..., Flask], counting_smtp: CountingSMTPServer
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
 ) -> None:
     # TESTING=True makes Flask-Mail's MAIL_SUPPRESS_SEND default to True.
     app = make_app(
-        MAIL_SERVER=counting_smtp.host,
-        MAIL_PORT=counting_smtp.port,
+        MAIL_SERVER=smtp_server.host,
+        MAIL_PORT=smtp_server.port,
         NOTIFYQUEUE_CHANNELS=_channels(subject_prefix="[t] "),
     )
     mail = app.extensions["mail"]
@@ -752,8 +677,8 @@ def test_suppressed_send_reaches_no_server_but_record_messages_sees_it(
         intent.id for intent in intents
     ]
     assert [m.recipients for m in outbox] == [RECIPIENTS, RECIPIENTS]
-    assert counting_smtp.connections == 0
-    assert counting_smtp.messages == []
+    assert smtp_server.connections == 0
+    assert smtp_server.messages == []
 
 
 # -- init_app ---------------------------------------------------------------
