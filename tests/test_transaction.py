@@ -7,10 +7,10 @@ import typing as t
 
 import pytest
 import sqlalchemy as sa
-from flask import Flask
+from flask import Flask, current_app
 from sqlalchemy.orm import scoped_session, sessionmaker
 
-from notifyqueue import NotifyQueue, enqueue, finalise, signals
+from notifyqueue import Channel, NotifyQueue, enqueue, finalise, signals
 
 from .helpers import Item, RecordingChannel, db
 
@@ -463,3 +463,50 @@ def test_a_commit_that_fails_at_commit_time_dispatches_nothing(app, rec, ctx, di
         db.session.execute(sa.text("DROP TABLE child"))
         db.session.execute(sa.text("DROP TABLE parent"))
         db.session.commit()
+
+
+class AppContextProbe(Channel):
+    """Records which app was current when it was sent a batch."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.seen: list[tuple[str, list[t.Any]]] = []
+
+    def send(self, intents: t.Sequence[t.Any]) -> None:
+        self.seen.append((current_app.name, [intent.payload for intent in intents]))
+
+
+@pytest.fixture
+def probe_app(database_url: str) -> t.Iterator[tuple[Flask, t.Any, t.Any]]:
+    """An app following a plain thread-local scoped_session, with a probe channel."""
+    engine = sa.create_engine(database_url)
+    session = scoped_session(sessionmaker(bind=engine))
+    app = Flask("probe_app")
+    app.config["NOTIFYQUEUE_CHANNELS"] = {
+        "probe": {"type": "tests.test_transaction:AppContextProbe"}
+    }
+    NotifyQueue(app, session=session)
+    yield app, session, app.extensions["notifyqueue"].channels["probe"]
+    session.remove()
+    engine.dispose()
+
+
+def test_teardown_discards_even_when_a_thread_local_session_lives_on(
+    probe_app, discards
+):
+    app, session, probe = probe_app
+    with app.app_context():
+        enqueue("probe", "queued in a request")
+    assert discards == [("teardown", ["queued in a request"])]
+    assert session().in_transaction()  # nothing removed this session
+    session.commit()
+    assert probe.seen == []
+
+
+def test_channels_run_with_their_own_app_current(probe_app):
+    app, session, probe = probe_app
+    with app.app_context():
+        enqueue("probe", "x")
+        with Flask("another_app").app_context():
+            session.commit()
+    assert probe.seen == [("probe_app", ["x"])]
