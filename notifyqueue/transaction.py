@@ -90,8 +90,10 @@ def current_batch(session: Session) -> _Batch | None:
 
 
 def discard_pending(session: Session, reason: str, app: Flask) -> BatchResult | None:
-    """End the session's batch of ``app`` without dispatch, whatever its
-    transaction does next."""
+    """End the session's batch of ``app`` now, without dispatch.
+
+    Whatever the session's transaction does next, these intents are gone.
+    """
     batch: _Batch | None = session.info.get(_KEY)
     if batch is None or batch.app not in (None, app):
         return None

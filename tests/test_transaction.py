@@ -14,6 +14,8 @@ from notifyqueue import Channel, NotifyQueue, enqueue, finalise, signals
 
 from .helpers import Item, RecordingChannel, db
 
+REC = {"type": "tests.helpers:RecordingChannel"}
+
 
 @pytest.fixture
 def discards() -> t.Iterator[list[tuple[str, list[str]]]]:
@@ -170,9 +172,7 @@ def test_without_autobegin_intents_wait_for_the_transaction_begun_next(
     engine = sa.create_engine(database_url)
     session = scoped_session(sessionmaker(bind=engine, autobegin=False))
     app = Flask("no_autobegin")
-    app.config["NOTIFYQUEUE_CHANNELS"] = {
-        "rec": {"type": "tests.helpers:RecordingChannel"}
-    }
+    app.config["NOTIFYQUEUE_CHANNELS"] = {"rec": REC}
     NotifyQueue(app, session=session)
     rec = app.extensions["notifyqueue"].channels["rec"]
     try:
@@ -404,9 +404,7 @@ def test_plain_scoped_session_follows_savepoints_and_threads(database_url, tmp_p
     db.metadata.drop_all(engine)
     db.metadata.create_all(engine)
     app = Flask("plain")
-    app.config["NOTIFYQUEUE_CHANNELS"] = {
-        "rec": {"type": "tests.helpers:RecordingChannel"}
-    }
+    app.config["NOTIFYQUEUE_CHANNELS"] = {"rec": REC}
     NotifyQueue(app, session=session)
     rec = app.extensions["notifyqueue"].channels["rec"]
     assert isinstance(rec, RecordingChannel)
@@ -510,3 +508,32 @@ def test_channels_run_with_their_own_app_current(probe_app):
         with Flask("another_app").app_context():
             session.commit()
     assert probe.seen == [("probe_app", ["x"])]
+
+
+def test_a_session_joined_to_an_outer_test_transaction_dispatches_on_commit(
+    database_url,
+):
+    # The common test-fixture pattern: every session.commit() only releases a
+    # savepoint of an outer transaction the fixture rolls back at the end.
+    engine = sa.create_engine(database_url)
+    connection = engine.connect()
+    outer = connection.begin()
+    session = scoped_session(
+        sessionmaker(bind=connection, join_transaction_mode="create_savepoint")
+    )
+    app = Flask("outer_transaction")
+    app.config["NOTIFYQUEUE_CHANNELS"] = {"rec": REC}
+    NotifyQueue(app, session=session)
+    rec = app.extensions["notifyqueue"].channels["rec"]
+    try:
+        with app.app_context():
+            enqueue("rec", "a")
+            session.commit()
+            enqueue("rec", "b")
+            session.rollback()
+        assert rec.sent == ["a"]
+    finally:
+        session.remove()
+        outer.rollback()
+        connection.close()
+        engine.dispose()
