@@ -10,7 +10,6 @@ from email.utils import formataddr
 from flask_mail import Connection, Message
 
 from ..errors import ConfigurationError, DeliveryError, PayloadError, TemplateError
-from ..templates import Template, compile_template
 from .base import Channel
 
 if t.TYPE_CHECKING:
@@ -111,7 +110,7 @@ class MailChannel(Channel):
                 " 'body', and may have 'recipients';"
                 f" missing {sorted(missing)}, unknown {sorted(unknown)}."
             )
-        subject = self.subject_prefix + _render(template["subject"], context)
+        subject = self.subject_prefix + super().render(template["subject"], context)
         _check_header("the subject", subject)
         if "recipients" in template:
             recipients = _checked_recipients(
@@ -121,7 +120,7 @@ class MailChannel(Channel):
             recipients = list(self.recipients)
         return {
             "subject": subject,
-            "body": _render(template["body"], context),
+            "body": super().render(template["body"], context),
             "recipients": recipients,
             "sender": self._sender,
         }
@@ -232,13 +231,6 @@ def _message(intent: Intent) -> Message:
         sender=payload["sender"],
         extra_headers={"X-Notifyqueue-Intent": intent.id},
     )
-
-
-def _render(template: t.Any, context: t.Mapping[str, t.Any]) -> str:
-    compiled = (
-        template if isinstance(template, Template) else compile_template(template)
-    )
-    return compiled.render(context)
 
 
 def _check_header(what: str, value: str) -> None:
