@@ -524,14 +524,16 @@ def test_call_order_dispatches_runs_of_one_channel_in_call_order(
 
 # --- finding the state -------------------------------------------------------
 
-
-@pytest.mark.parametrize(
+STATE_CALLS = pytest.mark.parametrize(
     "call",
     [
         pytest.param(lambda: enqueue("log", "x"), id="enqueue"),
         pytest.param(lambda: finalise(), id="finalise"),
     ],
 )
+
+
+@STATE_CALLS
 def test_outside_an_app_context_raises_naming_the_application_context(
     call: t.Callable[[], object],
 ) -> None:
@@ -540,13 +542,7 @@ def test_outside_an_app_context_raises_naming_the_application_context(
     assert isinstance(excinfo.value, LifecycleError)
 
 
-@pytest.mark.parametrize(
-    "call",
-    [
-        pytest.param(lambda: enqueue("log", "x"), id="enqueue"),
-        pytest.param(lambda: finalise(), id="finalise"),
-    ],
-)
+@STATE_CALLS
 def test_app_without_init_app_raises_naming_init_app(
     call: t.Callable[[], object],
 ) -> None:
