@@ -21,9 +21,8 @@ F = t.TypeVar("F", bound=t.Callable[..., t.Any])
 _MISSING: t.Any = object()
 
 # How a template field gets its value from a call (see _Plan).
-_POSITIONAL, _POSITIONAL_ONLY, _KEYWORD, _VAR_POSITIONAL, _VAR_KEYWORD, _EXTRA = range(
-    6
-)
+_POSITIONAL, _POSITIONAL_ONLY, _KEYWORD = range(3)
+_VAR_POSITIONAL, _VAR_KEYWORD, _EXTRA = range(3, 6)
 
 
 class _Plan:

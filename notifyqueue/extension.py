@@ -16,11 +16,13 @@ from .transaction import discard_pending, watch
 
 _EXTENSION_KEY = "notifyqueue"
 _ORDERS = ("channel", "call")
-_CONFIG_KEYS = ("NOTIFYQUEUE_CHANNELS", "NOTIFYQUEUE_ORDER", "NOTIFYQUEUE_STRICT")
 
 
 def _defaults() -> dict[str, t.Any]:
-    """Fresh default config values (fresh, so no app shares a mutable dict)."""
+    """Every config key notifyqueue reads, with its default.
+
+    Fresh on each call, so no two apps share the mutable channels dict.
+    """
     return {
         "NOTIFYQUEUE_CHANNELS": {"log": {"type": "log"}},
         "NOTIFYQUEUE_ORDER": "channel",
@@ -50,32 +52,31 @@ class _State:
     captures: list[_Capture] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def from_config(cls, app: Flask, session: scoped_session[t.Any]) -> _State:
-        config = app.config
+    def from_config(
+        cls, app: Flask, session: scoped_session[t.Any], settings: dict[str, t.Any]
+    ) -> _State:
+        """Check ``settings`` (the defaults overlaid with the app's config)."""
         unknown = [
             key
-            for key in config
-            if key.startswith("NOTIFYQUEUE_") and key not in _CONFIG_KEYS
+            for key in app.config
+            if key.startswith("NOTIFYQUEUE_") and key not in settings
         ]
         if unknown:
             raise ConfigurationError(
                 f"Unknown config key(s) {', '.join(sorted(unknown))}; notifyqueue"
-                f" reads {', '.join(_CONFIG_KEYS)}. Check the spelling."
+                f" reads {', '.join(settings)}. Check the spelling."
             )
-        defaults = _defaults()
-        order = config.get("NOTIFYQUEUE_ORDER", defaults["NOTIFYQUEUE_ORDER"])
+        order = settings["NOTIFYQUEUE_ORDER"]
         if order not in _ORDERS:
             raise ConfigurationError(
                 f"NOTIFYQUEUE_ORDER is {order!r}; use 'channel' or 'call'."
             )
-        strict = config.get("NOTIFYQUEUE_STRICT", defaults["NOTIFYQUEUE_STRICT"])
+        strict = settings["NOTIFYQUEUE_STRICT"]
         if not isinstance(strict, bool):
             raise ConfigurationError(
                 f"NOTIFYQUEUE_STRICT is {strict!r}; use True or False."
             )
-        configured = config.get(
-            "NOTIFYQUEUE_CHANNELS", defaults["NOTIFYQUEUE_CHANNELS"]
-        )
+        configured = settings["NOTIFYQUEUE_CHANNELS"]
         if not isinstance(configured, t.Mapping) or not configured:
             raise ConfigurationError(
                 "NOTIFYQUEUE_CHANNELS must be a non-empty dict of channel name ->"
@@ -158,9 +159,12 @@ class NotifyQueue:
                 f"session must be a sqlalchemy.orm.scoped_session (Flask-SQLAlchemy's"
                 f" db.session is one), got {type(session).__name__} {session!r}."
             )
-        state = _State.from_config(app, session)
+        settings = _defaults()
+        settings.update((key, app.config[key]) for key in settings if key in app.config)
+        state = _State.from_config(app, session, settings)
         watch(session)
-        for key, value in _defaults().items():
+        # Only now, so a failed init_app leaves app.config as it was.
+        for key, value in settings.items():
             app.config.setdefault(key, value)
         app.extensions[_EXTENSION_KEY] = state
         app.teardown_appcontext(_teardown)
