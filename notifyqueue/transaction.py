@@ -17,10 +17,10 @@ SQLAlchemy's events say what became of each transaction:
 from __future__ import annotations
 
 import typing as t
+import weakref
 
 from sqlalchemy import event
-from sqlalchemy.exc import ArgumentError
-from sqlalchemy.orm import Session, SessionTransaction, scoped_session
+from sqlalchemy.orm import Session, SessionTransaction, scoped_session, sessionmaker
 
 from . import signals
 from .dispatch import dispatch_committed, send_isolated
@@ -104,15 +104,33 @@ def discard_pending(session: Session, reason: str, app: Flask) -> BatchResult | 
 
 def watch(session: scoped_session[t.Any]) -> None:
     """Listen to ``session``'s transaction events, once per session class."""
-    try:
-        for name, listener in _LISTENERS:
-            if not event.contains(session, name, listener):
-                event.listen(session, name, listener)
-    except ArgumentError as exc:
+    cls = _session_class(session)
+    if cls is None:
         raise ConfigurationError(
-            f"Cannot follow the transactions of {session!r}: {exc} Pass a"
+            f"Cannot follow the transactions of {session!r}: its session factory"
+            " is neither a sessionmaker nor a Session subclass. Pass a"
             " scoped_session built on a sessionmaker or a Session subclass."
-        ) from exc
+        )
+    # Not event.contains(): SQLAlchemy keys it on id(target), and a new
+    # sessionmaker's class often reuses the address of a collected one, which
+    # would then look watched already.
+    if cls in _watched:
+        return
+    for name, listener in _LISTENERS:
+        event.listen(cls, name, listener)
+    _watched.add(cls)
+
+
+def _session_class(session: scoped_session[t.Any]) -> type[Session] | None:
+    factory: object = session.session_factory
+    if isinstance(factory, sessionmaker):
+        factory = factory.class_
+    if isinstance(factory, type) and issubclass(factory, Session):
+        return factory
+    return None
+
+
+_watched: weakref.WeakSet[type[Session]] = weakref.WeakSet()
 
 
 def _on_transaction_create(session: Session, transaction: SessionTransaction) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 import typing as t
 
@@ -20,6 +21,7 @@ from notifyqueue import (
     finalise,
     signals,
 )
+from notifyqueue.testing import capture
 
 from .conftest import require_postgres
 from .helpers import Item, RecordingChannel, db
@@ -336,6 +338,46 @@ def test_session_that_is_not_a_scoped_session_raises_type_error(
     finally:
         engine.dispose()
     assert "notifyqueue" not in app.extensions
+
+
+def test_scoped_session_on_a_plain_factory_function_is_refused(
+    make_app: t.Callable[..., Flask], database_url: str
+) -> None:
+    # Session events can only be followed per Session class.
+    engine = sa.create_engine(database_url)
+    app = make_app(init=False)
+    config_before = dict(app.config)
+    try:
+        with pytest.raises(ConfigurationError, match="sessionmaker or a Session"):
+            NotifyQueue(app, session=scoped_session(lambda: Session(bind=engine)))
+    finally:
+        engine.dispose()
+    assert "notifyqueue" not in app.extensions
+    assert dict(app.config) == config_before
+
+
+def test_every_new_sessionmaker_is_followed(database_url: str) -> None:
+    # Each sessionmaker makes a Session subclass of its own; once one is
+    # collected, the next is often built at the same address. A check keyed on
+    # id() (as event.contains is) then takes it for followed already.
+    engine = sa.create_engine(database_url)
+    missed = []
+    try:
+        for attempt in range(20):
+            session = scoped_session(sessionmaker(bind=engine))
+            app = Flask(f"app{attempt}")
+            NotifyQueue(app, session=session)
+            with app.app_context(), capture(dispatch=False) as sent:
+                enqueue("log", "x")
+                session.commit()
+            if not sent:
+                missed.append(attempt)
+            session.remove()
+            del session, app
+            gc.collect()
+    finally:
+        engine.dispose()
+    assert missed == []
 
 
 # --- config validation -------------------------------------------------------
