@@ -98,6 +98,11 @@ def discard_pending(session: Session, reason: str, app: Flask) -> BatchResult | 
     if batch is None or batch.app not in (None, app):
         return None
     del session.info[_KEY]
+    if batch.marks:
+        # The transaction goes on with savepoints still open: what is queued
+        # next inside one of them must still go if that savepoint rolls back.
+        successor = session.info[_KEY] = _Batch(None)
+        successor.marks = dict.fromkeys(batch.marks, 0)
     _discard(batch, reason)
     return batch.result
 

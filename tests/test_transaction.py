@@ -501,6 +501,19 @@ def test_teardown_discards_even_when_a_thread_local_session_lives_on(
     assert probe.seen == []
 
 
+def test_a_savepoint_left_open_by_teardown_still_discards_what_it_queued(probe_app):
+    app, session, probe = probe_app
+    with app.app_context():
+        savepoint = session.begin_nested()
+        enqueue("probe", "discarded by teardown")
+    with app.app_context():
+        enqueue("probe", "queued in the same savepoint")
+        savepoint.rollback()
+        enqueue("probe", "after the savepoint")
+        session.commit()
+    assert probe.seen == [("probe_app", ["after the savepoint"])]
+
+
 def test_channels_run_with_their_own_app_current(probe_app):
     app, session, probe = probe_app
     with app.app_context():
