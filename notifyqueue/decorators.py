@@ -33,7 +33,7 @@ class _Plan:
     """
 
     def __init__(self, fn: t.Callable[..., t.Any], fields: t.AbstractSet[str]) -> None:
-        name = f"{fn.__module__}.{fn.__qualname__}"
+        name = _qualified_name(fn)
         parameters = inspect.signature(fn).parameters
         for reserved in ("notify", "result"):
             if reserved in parameters:
@@ -156,7 +156,7 @@ def deferred_notify(**templates: t.Any) -> t.Callable[[F], F]:
         if inspect.iscoroutinefunction(fn):
             raise ConfigurationError(
                 f"@deferred_notify cannot wrap the coroutine function"
-                f" {fn.__qualname__}(); wrap a plain function."
+                f" {_qualified_name(fn)}(); wrap a plain function."
             )
         plan = _Plan(fn, fields)
         source = plan.name
@@ -190,6 +190,20 @@ def deferred_notify(**templates: t.Any) -> t.Callable[[F], F]:
         return t.cast(F, wrapper)
 
     return decorate
+
+
+def _qualified_name(fn: t.Callable[..., t.Any]) -> str:
+    """``module.qualname`` of ``fn``, or of what it wraps if it has none.
+
+    A ``functools.partial`` is named for its function, a callable instance for
+    its class.
+    """
+    target: t.Any = fn
+    while isinstance(target, functools.partial):
+        target = target.func
+    if not hasattr(target, "__qualname__"):
+        target = type(target)
+    return f"{getattr(target, '__module__', None)}.{target.__qualname__}"
 
 
 def _select(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import logging
 import typing as t
 
@@ -668,6 +669,34 @@ def test_source_is_module_and_qualname_of_a_method(
     Pond().jump(1)
 
     assert [i.source for i in queued] == ["tests.test_decorators.Pond.jump"]
+
+
+def test_a_partial_is_named_for_its_function(ctx: None, queued: list[Intent]) -> None:
+    def jump(pond: str, height: int) -> None:
+        pass
+
+    partial_jump = deferred_notify(rec="{pond} {height}")(
+        functools.partial(jump, pond="north")
+    )
+    partial_jump(height=3)
+
+    assert [(i.source, i.payload) for i in queued] == [
+        (f"{__name__}.{jump.__qualname__}", "north 3")
+    ]
+
+
+def test_a_callable_instance_is_named_for_its_class(
+    ctx: None, queued: list[Intent]
+) -> None:
+    class Jumper:
+        def __call__(self, height: int) -> None:
+            pass
+
+    deferred_notify(rec="{height}")(Jumper())(4)
+
+    assert [(i.source, i.payload) for i in queued] == [
+        (f"{__name__}.{Jumper.__qualname__}", "4")
+    ]
 
 
 def test_enqueue_source_is_enqueue(ctx: None) -> None:
