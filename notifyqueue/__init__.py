@@ -6,7 +6,7 @@ import typing as t
 
 from . import signals
 from .channels import Channel
-from .decorators import deferred_notify
+from .decorators import DeferredFunction, deferred_notify
 from .errors import (
     ArgumentTypeError,
     ChannelNotFound,
@@ -27,6 +27,7 @@ __all__ = [
     "Channel",
     "ChannelNotFound",
     "ConfigurationError",
+    "DeferredFunction",
     "DeliveryError",
     "Intent",
     "LifecycleError",

@@ -16,7 +16,37 @@ from .extension import get_state
 from .queue import queue_rendered
 from .templates import compile_templates, template_fields
 
-F = t.TypeVar("F", bound=t.Callable[..., t.Any])
+P = t.ParamSpec("P")
+R = t.TypeVar("R")
+R_co = t.TypeVar("R_co", covariant=True)
+
+Notify = bool | t.Iterable[str] | None
+"""What the ``notify=`` keyword of a decorated function takes."""
+
+
+class DeferredFunction(t.Protocol[P, R_co]):
+    """A function decorated with :func:`deferred_notify`, for type checkers.
+
+    Called without ``notify``, its arguments are checked against the
+    function's signature. A type checker cannot add a keyword to a signature
+    it captured (PEP 612), so a call with ``notify=`` and a call of a bound
+    method are checked for their return type only.
+    """
+
+    @t.overload
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+    @t.overload
+    def __call__(self, *args: t.Any, notify: Notify, **kwargs: t.Any) -> R_co: ...
+
+    @t.overload
+    def __get__(
+        self, instance: None, owner: type[t.Any] | None = None
+    ) -> DeferredFunction[P, R_co]: ...
+    @t.overload
+    def __get__(
+        self, instance: object, owner: type[t.Any] | None = None
+    ) -> t.Callable[..., R_co]: ...
+
 
 _MISSING: t.Any = object()
 
@@ -116,7 +146,9 @@ class _Plan:
         return context
 
 
-def deferred_notify(**templates: t.Any) -> t.Callable[[F], F]:
+def deferred_notify(
+    **templates: t.Any,
+) -> t.Callable[[t.Callable[P, R]], DeferredFunction[P, R]]:
     """Queue a notification per channel each time the decorated function returns.
 
     Each keyword names a channel; its value is that channel's template (a
@@ -152,7 +184,7 @@ def deferred_notify(**templates: t.Any) -> t.Callable[[F], F]:
     fields = frozenset().union(*(template_fields(value) for value in compiled.values()))
     every = tuple(compiled.items())
 
-    def decorate(fn: F) -> F:
+    def decorate(fn: t.Callable[P, R]) -> DeferredFunction[P, R]:
         if inspect.iscoroutinefunction(fn):
             raise ConfigurationError(
                 f"@deferred_notify cannot wrap the coroutine function"
@@ -187,7 +219,7 @@ def deferred_notify(**templates: t.Any) -> t.Callable[[F], F]:
             return result
 
         wrapper.__notifyqueue_templates__ = compiled  # type: ignore[attr-defined]
-        return t.cast(F, wrapper)
+        return t.cast(DeferredFunction[P, R], wrapper)
 
     return decorate
 
