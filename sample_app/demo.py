@@ -12,7 +12,7 @@ import textwrap
 import typing as t
 
 import click
-from flask import current_app
+from flask import Flask, current_app
 from flask.cli import with_appcontext
 from sqlalchemy.exc import IntegrityError
 
@@ -113,7 +113,7 @@ def demo_command(database_url: str | None) -> None:
                 db.engine.dispose()
 
 
-def _run(app: t.Any, inbox: _Inbox | None) -> None:
+def _run(app: Flask, inbox: _Inbox | None) -> None:
     try:
         froggy = create_froggy(FROGGY_NAME, froggy_id=FROGGY_ID)
         finalise(commit=True)

@@ -70,14 +70,12 @@ class Shape:
         unknown = sorted(set(body) - set(self.fields))
         if unknown:
             raise InputError(
-                f"{where} has unknown field {', '.join(map(repr, unknown))};"
+                f"{where} has unknown {_fields(unknown)};"
                 f" the fields are {', '.join(map(repr, self.fields))}."
             )
         missing = [name for name in self.fields if name in self.required - set(body)]
         if missing:
-            raise InputError(
-                f"{where} is missing field {', '.join(map(repr, missing))}."
-            )
+            raise InputError(f"{where} is missing {_fields(missing)}.")
         return {
             name: self.fields[name](f"{where}: field {name!r}", value)
             for name, value in body.items()
@@ -111,10 +109,11 @@ def batch(body: t.Any) -> list[tuple[str, dict[str, t.Any]]]:
     unknown = sorted(set(body) - {"operations"})
     if unknown:
         raise InputError(
-            f"The body has unknown field {', '.join(map(repr, unknown))};"
-            " the only field is 'operations'."
+            f"The body has unknown {_fields(unknown)}; the only field is 'operations'."
         )
-    operations = body.get("operations")
+    if "operations" not in body:
+        raise InputError("The body is missing field 'operations'.")
+    operations = body["operations"]
     if not isinstance(operations, list):
         raise InputError(
             "The body's field 'operations' must be a list of operations,"
@@ -146,6 +145,11 @@ def batch(body: t.Any) -> list[tuple[str, dict[str, t.Any]]]:
         fields = {key: value for key, value in operation.items() if key != "op"}
         checked.append((name, OPERATIONS[name].check(where, fields)))
     return checked
+
+
+def _fields(names: t.Sequence[str]) -> str:
+    """``field 'a'`` or ``fields 'a', 'b'``."""
+    return f"field{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))}"
 
 
 def _json_type(value: t.Any) -> str:

@@ -387,7 +387,14 @@ TOO_LONG = "x" * 81
         ("DELETE", "/froggies/KERMIT", None, 405, "The method is not allowed"),
         # missing, unknown, oversized and mistyped fields
         ("POST", "/froggies", {}, 400, "The body is missing field 'name'."),
-        ("POST", "/froggies", {"name": "A", "size": 3}, 400, "unknown field 'size'"),
+        ("POST", "/froggies", {"name": "A", "size": 3}, 400, "unknown field 'size';"),
+        (
+            "POST",
+            "/froggies",
+            {"size": 3, "age": 2},
+            400,
+            "The body has unknown fields 'age', 'size'; the fields are 'name',",
+        ),
         (
             "POST",
             "/froggies",
@@ -449,7 +456,7 @@ TOO_LONG = "x" * 81
             "/batch",
             {},
             400,
-            "field 'operations' must be a list of operations, got null",
+            "The body is missing field 'operations'.",
         ),
         (
             "POST",
