@@ -125,10 +125,23 @@ def _run(app: Flask, inbox: _Inbox | None) -> None:
         ) from None
 
     # One transaction: the commit, two log lines, then one email.
-    make_froggy_brightpink_and_highjump(froggy)
+    result = make_froggy_brightpink_and_highjump(froggy)
 
+    mail = app.extensions["mail"]
+    if result.failed:
+        # The data is committed; notifyqueue has logged the traceback.
+        ((_, error),) = result.failed
+        advice = (
+            " Check FLASK_MAIL_SERVER and FLASK_MAIL_PORT, or unset them to use"
+            " a local SMTP server."
+            if inbox is None
+            else ""
+        )
+        raise click.ClickException(
+            "The email was not delivered through MAIL_SERVER"
+            f" {mail.server}:{mail.port}: {error!r}.{advice}"
+        )
     if inbox is None:
-        mail = app.extensions["mail"]
         click.echo(f"\nThe email went to the MAIL_SERVER {mail.server}:{mail.port}.")
     else:
         click.echo(

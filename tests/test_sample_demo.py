@@ -157,6 +157,22 @@ def test_demo_sends_through_a_configured_mail_server(
     assert [level for level, _ in log_lines(failed)] == ["ERROR"]
 
 
+def test_demo_fails_when_the_configured_mail_server_is_unreachable(
+    tmp_path: Path,
+) -> None:
+    port = free_port()  # nothing listens there
+    result = run_demo(
+        tmp_path, FLASK_MAIL_SERVER="127.0.0.1", FLASK_MAIL_PORT=str(port)
+    )
+
+    assert result.returncode == 1
+    # The commit and the log lines happened; the email did not.
+    assert log_lines(result.stdout.splitlines()) == FOUR_LINES[:3]
+    assert f"The email was not delivered through MAIL_SERVER 127.0.0.1:{port}" in (
+        result.stderr
+    )
+
+
 def test_demo_refuses_a_database_that_already_has_its_froggy(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'kept.db'}"
     assert run_demo(tmp_path, "--database-url", url).returncode == 0
