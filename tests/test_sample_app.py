@@ -7,6 +7,7 @@ Every test runs on SQLite and on PostgreSQL, with a real SMTP server
 from __future__ import annotations
 
 import logging
+import re
 import typing as t
 
 import pytest
@@ -595,3 +596,74 @@ def test_a_body_that_is_not_a_json_object_is_refused(
     assert response.status_code == status
     assert error in response.get_json()["error"]
     assert table(froggy_app) == before
+
+
+# -- configuration and logging ---------------------------------------------
+
+
+def test_the_database_url_comes_from_the_environment_unless_config_names_one(
+    database_url: str, tmp_path: t.Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLASK_SQLALCHEMY_DATABASE_URI", database_url)
+    from_env = create_app({"TESTING": True})
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    from_config = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": other})
+    try:
+        with from_env.app_context():
+            assert db.engine.url.render_as_string(False) == database_url
+            assert db.session.scalars(select(Froggy)).all() == []
+        with from_config.app_context():
+            assert db.engine.url.database == str(tmp_path / "other.db")
+    finally:
+        for app in (from_env, from_config):
+            with app.app_context():
+                db.session.remove()
+                db.drop_all()
+                db.engine.dispose()
+
+
+def test_without_a_mail_server_emails_are_suppressed_and_the_log_says_so(
+    database_url: str, app_log: t.Callable[[], list[str]]
+) -> None:
+    # Not TESTING: only the missing MAIL_SERVER turns sending off.
+    app = create_app({"SQLALCHEMY_DATABASE_URI": database_url})
+    try:
+        assert app.config["MAIL_SUPPRESS_SEND"] is True
+        (froggy_id,) = add_froggies(app, "Kermit")
+        response = app.test_client().put(
+            f"/froggies/{froggy_id}/colour", json={"colour": "red"}
+        )
+        assert response.status_code == 200
+        assert app_log() == [
+            "Committed DB transaction",
+            f"Froggy colour updated: {froggy_id}; new value: red",
+            "Email not sent (MAIL_SUPPRESS_SEND): Froggy colour updated",
+        ]
+    finally:
+        with app.app_context():
+            db.session.remove()
+            db.drop_all()
+            db.engine.dispose()
+
+
+def test_log_lines_have_the_format_once_however_many_apps_are_created(
+    froggy_app: Flask,
+    client: FlaskClient,
+    smtp_server: SMTPServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": "sqlite://"})
+    (froggy_id,) = add_froggies(froggy_app, "Kermit")
+    capsys.readouterr()
+
+    client.post(f"/froggies/{froggy_id}/jump", json={"jump_height": "1 metre"})
+
+    lines = capsys.readouterr().err.splitlines()
+    stamp = re.compile(r"INFO \[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] (.*)")
+    # One handler, one line per record, every line in the format.
+    assert [m.group(1) for m in map(stamp.fullmatch, lines) if m] == [
+        "Committed DB transaction",
+        f"Made froggy jump: {froggy_id}; jump height: 1 metre",
+        "Sent email: Made froggy jump",
+    ]
+    assert len(lines) == 3
