@@ -73,7 +73,7 @@ def run_demo(
 
 
 def log_lines(lines: t.Iterable[str]) -> list[tuple[str, str]]:
-    return [m.groups() for m in map(LOG_LINE.match, lines) if m]  # type: ignore[misc]
+    return [(m.group(1), m.group(2)) for m in map(LOG_LINE.match, lines) if m]
 
 
 def split_output(stdout: str) -> tuple[list[str], list[str]]:
