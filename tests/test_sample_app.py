@@ -26,16 +26,32 @@ SENDER = "froggy-api@example.com"
 
 
 @pytest.fixture
-def froggy_app(database_url: str, smtp_server: SMTPServer) -> t.Iterator[Flask]:
-    app = create_app(
+def make_froggy_app() -> t.Iterator[t.Callable[[dict[str, t.Any]], Flask]]:
+    """``create_app(config)``; each app's tables are dropped after the test."""
+    apps: list[Flask] = []
+
+    def make(config: dict[str, t.Any]) -> Flask:
+        apps.append(create_app(config))
+        return apps[-1]
+
+    yield make
+    for app in apps:
+        with app.app_context():
+            db.session.remove()
+            db.drop_all()
+            db.engine.dispose()
+
+
+@pytest.fixture
+def froggy_app(
+    make_froggy_app: t.Callable[[dict[str, t.Any]], Flask],
+    database_url: str,
+    smtp_server: SMTPServer,
+) -> Flask:
+    return make_froggy_app(
         {"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_url}
         | smtp_server.config()
     )
-    yield app
-    with app.app_context():
-        db.session.remove()
-        db.drop_all()
-        db.engine.dispose()
 
 
 @pytest.fixture
@@ -602,57 +618,50 @@ def test_a_body_that_is_not_a_json_object_is_refused(
 
 
 def test_the_database_url_comes_from_the_environment_unless_config_names_one(
-    database_url: str, tmp_path: t.Any, monkeypatch: pytest.MonkeyPatch
+    make_froggy_app: t.Callable[[dict[str, t.Any]], Flask],
+    database_url: str,
+    tmp_path: t.Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("FLASK_SQLALCHEMY_DATABASE_URI", database_url)
-    from_env = create_app({"TESTING": True})
+    from_env = make_froggy_app({"TESTING": True})
     other = f"sqlite:///{tmp_path / 'other.db'}"
-    from_config = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": other})
-    try:
-        with from_env.app_context():
-            assert db.engine.url.render_as_string(False) == database_url
-            assert db.session.scalars(select(Froggy)).all() == []
-        with from_config.app_context():
-            assert db.engine.url.database == str(tmp_path / "other.db")
-    finally:
-        for app in (from_env, from_config):
-            with app.app_context():
-                db.session.remove()
-                db.drop_all()
-                db.engine.dispose()
+    from_config = make_froggy_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": other})
+    with from_env.app_context():
+        assert db.engine.url.render_as_string(False) == database_url
+        assert db.session.scalars(select(Froggy)).all() == []
+    with from_config.app_context():
+        assert db.engine.url.database == str(tmp_path / "other.db")
 
 
 def test_without_a_mail_server_emails_are_suppressed_and_the_log_says_so(
-    database_url: str, app_log: t.Callable[[], list[str]]
+    make_froggy_app: t.Callable[[dict[str, t.Any]], Flask],
+    database_url: str,
+    app_log: t.Callable[[], list[str]],
 ) -> None:
     # Not TESTING: only the missing MAIL_SERVER turns sending off.
-    app = create_app({"SQLALCHEMY_DATABASE_URI": database_url})
-    try:
-        assert app.config["MAIL_SUPPRESS_SEND"] is True
-        (froggy_id,) = add_froggies(app, "Kermit")
-        response = app.test_client().put(
-            f"/froggies/{froggy_id}/colour", json={"colour": "red"}
-        )
-        assert response.status_code == 200
-        assert app_log() == [
-            "Committed DB transaction",
-            f"Froggy colour updated: {froggy_id}; new value: red",
-            "Email not sent (MAIL_SUPPRESS_SEND): Froggy colour updated",
-        ]
-    finally:
-        with app.app_context():
-            db.session.remove()
-            db.drop_all()
-            db.engine.dispose()
+    app = make_froggy_app({"SQLALCHEMY_DATABASE_URI": database_url})
+    assert app.config["MAIL_SUPPRESS_SEND"] is True
+    (froggy_id,) = add_froggies(app, "Kermit")
+    response = app.test_client().put(
+        f"/froggies/{froggy_id}/colour", json={"colour": "red"}
+    )
+    assert response.status_code == 200
+    assert app_log() == [
+        "Committed DB transaction",
+        f"Froggy colour updated: {froggy_id}; new value: red",
+        "Email not sent (MAIL_SUPPRESS_SEND): Froggy colour updated",
+    ]
 
 
 def test_log_lines_have_the_format_once_however_many_apps_are_created(
+    make_froggy_app: t.Callable[[dict[str, t.Any]], Flask],
     froggy_app: Flask,
     client: FlaskClient,
     smtp_server: SMTPServer,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": "sqlite://"})
+    make_froggy_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": "sqlite://"})
     (froggy_id,) = add_froggies(froggy_app, "Kermit")
     capsys.readouterr()
 
