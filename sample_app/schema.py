@@ -73,7 +73,7 @@ class Shape:
                 f"{where} has unknown {_fields(unknown)};"
                 f" the fields are {', '.join(map(repr, self.fields))}."
             )
-        missing = [name for name in self.fields if name in self.required - set(body)]
+        missing = [n for n in self.fields if n in self.required and n not in body]
         if missing:
             raise InputError(f"{where} is missing {_fields(missing)}.")
         return {
