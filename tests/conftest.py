@@ -149,6 +149,14 @@ class SMTPServer:
     ``messages`` holds each message received, parsed; ``envelopes`` the
     recipients each was accepted for; ``connections`` counts SMTP sessions;
     addresses in ``refuse`` are answered 550.
+
+    ``faults`` injects a failure at the Nth MAIL command the server receives
+    (counted from 1 in ``mail_commands``, across connections):
+
+    - ``"550"``: refuse the sender; the connection goes on;
+    - ``"421"``: answer "service closing" and close the connection;
+    - ``"drop"``: drop the connection without an answer;
+    - ``"stall"``: answer only after ``stall_seconds``, past a client's timeout.
     """
 
     host: str
@@ -157,6 +165,9 @@ class SMTPServer:
     envelopes: list[list[str]] = field(default_factory=list)
     refuse: set[str] = field(default_factory=set)
     connections: int = 0
+    faults: dict[int, str] = field(default_factory=dict)
+    mail_commands: int = 0
+    stall_seconds: float = 2.0
 
     def config(self) -> dict[str, t.Any]:
         return {
@@ -164,6 +175,10 @@ class SMTPServer:
             "MAIL_PORT": self.port,
             "MAIL_SUPPRESS_SEND": False,
         }
+
+    def intent_ids(self) -> list[str]:
+        """The X-Notifyqueue-Intent header of each message received, in order."""
+        return [message["X-Notifyqueue-Intent"] for message in self.messages]
 
 
 class _Handler:
@@ -180,6 +195,24 @@ class _Handler:
         self.server.connections += 1
         session.host_name = hostname
         return f"250 {server.hostname}"
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):  # type: ignore[no-untyped-def]
+        self.server.mail_commands += 1
+        fault = self.server.faults.get(self.server.mail_commands)
+        if fault == "550":
+            return "550 5.7.1 sender refused"
+        if fault in ("421", "drop"):
+            if fault == "421":
+                await server.push("421 4.3.2 service shutting down")
+            server.transport.abort()
+            return "250 OK"  # never reaches the client: the connection is gone
+        if fault == "stall":
+            await asyncio.sleep(self.server.stall_seconds)
+        elif fault is not None:
+            raise ValueError(f"unknown SMTP fault {fault!r}")
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # type: ignore[no-untyped-def]
         if address in self.server.refuse:
@@ -202,19 +235,31 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def smtp_server() -> t.Iterator[SMTPServer]:
+def make_smtp_server() -> t.Iterator[t.Callable[..., SMTPServer]]:
+    """Start SMTP servers; keyword arguments go to aiosmtpd's ``Controller``."""
     from aiosmtpd.controller import Controller
 
-    server = SMTPServer("127.0.0.1", free_port())
-    controller = Controller(
-        _Handler(server),
-        hostname=server.host,
-        port=server.port,
-        loop=asyncio.new_event_loop(),
-    )
-    controller.start()
-    try:
-        yield server
-    finally:
+    controllers: list[t.Any] = []
+
+    def start(**options: t.Any) -> SMTPServer:
+        server = SMTPServer("127.0.0.1", free_port())
+        controller = Controller(
+            _Handler(server),
+            hostname=server.host,
+            port=server.port,
+            loop=asyncio.new_event_loop(),
+            **options,
+        )
+        controller.start()
+        controllers.append(controller)
+        return server
+
+    yield start
+    for controller in controllers:
         controller.stop()
         controller.loop.close()
+
+
+@pytest.fixture
+def smtp_server(make_smtp_server: t.Callable[..., SMTPServer]) -> SMTPServer:
+    return make_smtp_server()

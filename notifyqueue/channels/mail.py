@@ -149,8 +149,12 @@ class MailChannel(Channel):
                     smtplib.SMTPSenderRefused,
                     smtplib.SMTPDataError,
                 ) as exc:
-                    # smtplib reset the transaction: the connection goes on.
+                    # smtplib reset the transaction and the connection goes on,
+                    # unless the server closed it (a 421 answer): then the next
+                    # message reconnects instead of failing untried.
                     failures[intent.id] = exc
+                    if connection.host is None or connection.host.sock is None:
+                        connection = None
                 except OSError as exc:
                     # Whether this one arrived is unknown; it is not retried
                     # (at most once). The next message opens a new connection.
