@@ -231,6 +231,21 @@ def test_percent_in_a_value_is_logged_verbatim(
     assert f"Progress: {value}" in caplog.text
 
 
+def test_non_ascii_and_a_megabyte_value_are_logged_whole(
+    make_app: t.Callable[..., Flask], caplog: pytest.LogCaptureFixture
+) -> None:
+    app = _log_app(make_app, logger=AUDIT_LOGGER)
+    caplog.set_level(logging.DEBUG, logger=AUDIT_LOGGER)
+    big = "Grüße ✓ 東京 " * (1024 * 1024 // 12) + "THE END"
+    assert len(big.encode()) > 1024 * 1024
+    with app.app_context():
+        enqueue("log", "Saved {value}", value="Zürich — 東京")
+        enqueue("log", "Big: {value}", value=big)
+        finalise()
+
+    assert _messages(caplog, AUDIT_LOGGER) == ["Saved Zürich — 東京", f"Big: {big}"]
+
+
 # -- errors -----------------------------------------------------------------
 
 

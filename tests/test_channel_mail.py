@@ -238,6 +238,49 @@ def test_non_ascii_subject_and_body_are_delivered_intact(
     assert _body(message) == body
 
 
+def _megabyte_body() -> str:
+    """1 MiB of text with non-ASCII, long lines and a recognisable end."""
+    line = "Froggy ✓ jumps über the pond. " * 4
+    lines = [f"{number:06d} {line}" for number in range(1024 * 1024 // len(line))]
+    return "\n".join(lines) + "\nTHE END"
+
+
+def test_a_megabyte_body_is_delivered_whole(
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
+) -> None:
+    app = _mail_app(make_app, smtp_server)
+    body = _megabyte_body()
+    assert len(body.encode()) > 1024 * 1024
+    with app.app_context():
+        enqueue("mail", {"subject": "Big", "body": "{b}"}, b=body)
+        result = finalise()
+
+    assert result.ok
+    [message] = smtp_server.messages
+    assert _body(message) == body
+
+
+def test_a_body_over_the_servers_size_limit_fails_and_is_not_truncated(
+    make_app: t.Callable[..., Flask],
+    make_smtp_server: t.Callable[..., SMTPServer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = make_smtp_server(data_size_limit=512 * 1024)
+    app = _mail_app(make_app, server)
+    with app.app_context():
+        big = enqueue("mail", {"subject": "Big", "body": "{b}"}, b=_megabyte_body())
+        small = enqueue("mail", TEMPLATE, name="small")
+        result = finalise()
+
+    # The server refused the big one outright (552); nothing cut it to fit.
+    [(failed, error)] = result.failed
+    assert failed is big
+    assert "552" in str(error) and "size" in str(error)
+    assert result.dispatched == [small]
+    assert [_body(m) for m in server.messages] == ["Item small was saved."]
+    assert big.id in caplog.text
+
+
 # -- commit and rollback ----------------------------------------------------
 
 
