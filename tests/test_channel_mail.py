@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 import time
 import typing as t
@@ -785,4 +786,20 @@ def test_flask_mail_not_initialised_fails_at_init_app() -> None:
         ConfigurationError, match=r"NOTIFYQUEUE_CHANNELS\['mail'\].*Flask-Mail"
     ):
         NotifyQueue(app, session=session)
+    assert "notifyqueue" not in app.extensions
+
+
+def test_flask_mail_not_installed_fails_at_init_app_naming_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As if Flask-Mail were not installed: importing it raises ImportError.
+    monkeypatch.setitem(sys.modules, "flask_mail", None)
+    monkeypatch.delitem(sys.modules, "notifyqueue.channels.mail", raising=False)
+    app = Flask("no_flask_mail")
+    app.config["NOTIFYQUEUE_CHANNELS"] = _channels()
+    with pytest.raises(ConfigurationError) as excinfo:
+        NotifyQueue(app, session=scoped_session(sessionmaker()))
+    message = str(excinfo.value)
+    assert "NOTIFYQUEUE_CHANNELS['mail']['type']" in message
+    assert "pip install 'notifyqueue[mail]'" in message
     assert "notifyqueue" not in app.extensions
