@@ -13,7 +13,7 @@ from flask import Flask
 from .demo import demo_command
 from .extensions import db, mail, notify
 from .logs import configure_logging, connect_receivers
-from .views import bp, register_error_handlers
+from .views import IdConverter, bp, register_error_handlers
 
 DEFAULT_CONFIG: dict[str, t.Any] = {
     # Relative SQLite paths live in the app's instance folder.
@@ -49,6 +49,7 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
     mail.init_app(app)
     notify.init_app(app)  # after db and mail: it follows db.session and uses mail
     connect_receivers(app)
+    app.url_map.converters["int"] = IdConverter
     app.register_blueprint(bp)
     register_error_handlers(app)
     app.cli.add_command(demo_command)

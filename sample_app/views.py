@@ -19,6 +19,7 @@ from werkzeug.exceptions import (
     RequestEntityTooLarge,
     UnsupportedMediaType,
 )
+from werkzeug.routing import IntegerConverter, ValidationError
 
 from notifyqueue import BatchResult, finalise
 
@@ -36,6 +37,21 @@ from .froggies import (
 from .models import Froggy
 
 bp = Blueprint("froggies", __name__)
+
+
+class IdConverter(IntegerConverter):
+    """``<int:...>`` that answers 404, not 500, for an id too long for ``int()``.
+
+    Werkzeug before 3.1 lets ``int()``'s ValueError for more than
+    ``sys.get_int_max_str_digits()`` digits (4300) escape from the converter.
+    """
+
+    def to_python(self, value: str) -> t.Any:
+        try:
+            return super().to_python(value)
+        except ValueError:
+            raise ValidationError() from None
+
 
 Response = tuple[dict[str, t.Any], int] | tuple[dict[str, t.Any], int, dict[str, str]]
 
