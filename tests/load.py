@@ -61,17 +61,22 @@ def serve(app: Flask) -> t.Iterator[tuple[str, int]]:
 
 
 class LogRecords(logging.Handler):
-    """Keeps ``(message, intent id or None)`` for every record, thread-safely."""
+    """Keeps every record of the loggers it is attached to (thread-safely:
+    ``Handler.handle`` holds the handler's lock around ``emit``)."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
-        self.records: list[tuple[str, str | None]] = []
+        self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        # Handler.handle holds the handler's lock around emit().
-        self.records.append(
+        self.records.append(record)
+
+    def messages(self) -> list[tuple[str, str | None]]:
+        """``(message, notifyqueue intent id or None)`` for each record."""
+        return [
             (record.getMessage(), getattr(record, "notifyqueue_intent", None))
-        )
+            for record in self.records
+        ]
 
 
 @dataclass
@@ -199,7 +204,7 @@ def run(
         committed,
         requests - committed,
         len(smtp.messages),
-        sum(1 for _, intent_id in records.records if intent_id is not None),
+        sum(1 for _, intent_id in records.messages() if intent_id is not None),
         problems,
         plans,
     )
@@ -212,8 +217,9 @@ def check(plans: list[Request], smtp: SMTPServer, records: LogRecords) -> list[s
     for message in smtp.messages:
         body = message.get_content().strip()
         emails.setdefault(message["X-Notifyqueue-Intent"], []).append(body)
+    logged = records.messages()
     lines: dict[str, list[str]] = {}
-    for message, intent_id in records.records:
+    for message, intent_id in logged:
         if intent_id is not None:
             lines.setdefault(intent_id, []).append(message)
     expected_emails: set[str] = set()
@@ -254,9 +260,7 @@ def check(plans: list[Request], smtp: SMTPServer, records: LogRecords) -> list[s
         problems.append(f"an email no committed request earned: {emails[intent_id]}")
     for intent_id in lines.keys() - expected_lines:
         problems.append(f"a log line no committed request earned: {lines[intent_id]}")
-    commits = sum(
-        1 for message, _ in records.records if message == "Committed DB transaction"
-    )
+    commits = sum(1 for message, _ in logged if message == "Committed DB transaction")
     committed = sum(1 for request in plans if request.kind == "commit")
     if commits != committed:
         problems.append(

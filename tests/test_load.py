@@ -100,7 +100,7 @@ def test_handlers_that_raise_queue_or_commit_keep_to_their_own_request(
 
     committed = [r for r in report.plans if r.kind == "commit"]
     assert len(committed) == 360
-    logged = [message for message, _ in records.records]
+    logged = [message for message, _ in records.messages()]
     emailed = [m.get_content().strip() for m in smtp_server.messages]
     for request in committed:
         n = request.number

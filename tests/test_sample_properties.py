@@ -25,13 +25,15 @@ from flask import Flask
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import delete, select
+from sqlalchemy import delete
 
 from sample_app import create_app
 from sample_app.extensions import db
 from sample_app.models import Froggy
 
 from .conftest import SMTPServer
+from .load import LogRecords
+from .test_sample_app import table
 
 MAX_ID = 2**31 - 1
 MAX_BODY = 64 * 1024  # the sample app's MAX_CONTENT_LENGTH
@@ -97,36 +99,16 @@ def app(database_url: str, smtp_server: SMTPServer) -> t.Iterator[Flask]:
         db.engine.dispose()
 
 
-class Records(logging.Handler):
-    """Keeps every record of the loggers it is attached to."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture
-def records(app: Flask) -> t.Iterator[Records]:
+def records(app: Flask) -> t.Iterator[LogRecords]:
     """The records of the app's logger (its log channel too) and notifyqueue's."""
-    handler = Records()
+    handler = LogRecords()
     loggers = [app.logger, logging.getLogger("notifyqueue")]
     for logger in loggers:
         logger.addHandler(handler)
     yield handler
     for logger in loggers:
         logger.removeHandler(handler)
-
-
-def table(app: Flask) -> list[dict[str, t.Any]]:
-    """Every froggy, as the database holds it now."""
-    with app.app_context():
-        froggies = db.session.scalars(select(Froggy).order_by(Froggy.id))
-        rows = [froggy.to_dict() for froggy in froggies]
-        db.session.remove()
-        return rows
 
 
 def reset(app: Flask) -> None:
@@ -697,7 +679,7 @@ def check_call(
     app: Flask,
     client: FlaskClient,
     smtp_server: SMTPServer,
-    records: Records,
+    records: LogRecords,
 ) -> int:
     """Send one call from the seed rows; check its answer and what it changed.
 
@@ -882,7 +864,7 @@ def with_examples(
 @given(call=any_calls)
 @with_examples([call for group in EXPLICIT.values() for call in group])
 def test_any_request_gets_a_2xx_or_4xx_and_a_consistent_outcome(
-    app: Flask, smtp_server: SMTPServer, records: Records, call: Call
+    app: Flask, smtp_server: SMTPServer, records: LogRecords, call: Call
 ) -> None:
     """Arbitrary and near-valid bodies to every endpoint, about existing and
     missing froggies: see :func:`check_call` for what is checked."""
@@ -893,7 +875,7 @@ def test_any_request_gets_a_2xx_or_4xx_and_a_consistent_outcome(
 
 @pytest.mark.parametrize("endpoint", ["colour", "jump", "brightpink", "read"])
 def test_a_froggy_id_too_long_for_int_is_not_found(
-    endpoint: str, app: Flask, smtp_server: SMTPServer, records: Records
+    endpoint: str, app: Flask, smtp_server: SMTPServer, records: LogRecords
 ) -> None:
     """No froggy has an id that long: 404, like any other missing id."""
     body = {"colour": "red"} if endpoint == "colour" else {"jump_height": "1"}
