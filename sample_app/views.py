@@ -42,8 +42,9 @@ bp = Blueprint("froggies", __name__)
 class IdConverter(IntegerConverter):
     """``<int:...>`` that answers 404, not 500, for an id too long for ``int()``.
 
-    Werkzeug before 3.1 lets ``int()``'s ValueError for more than
-    ``sys.get_int_max_str_digits()`` digits (4300) escape from the converter.
+    Older Werkzeug releases (2.3, the oldest this project supports) let
+    ``int()``'s ValueError for more than ``sys.get_int_max_str_digits()``
+    digits (4300) escape from the converter.
     """
 
     def to_python(self, value: str) -> t.Any:
