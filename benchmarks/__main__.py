@@ -1,0 +1,234 @@
+"""Run the benchmarks: ``python -m benchmarks [--quick] [--out DIR]``.
+
+Prints a table, writes ``benchmarks.json`` and, if matplotlib is installed
+(``pip install -e ".[bench]"``), draws ``benchmarks.png`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import typing as t
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from . import cases
+
+PACKAGES = [
+    "notifyqueue",
+    "flask",
+    "sqlalchemy",
+    "flask-sqlalchemy",
+    "flask-mail",
+    "blinker",
+    "psycopg",
+    "aiosmtpd",
+]
+POSTGRES_URL = os.environ.get(
+    "NOTIFYQUEUE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+def machine() -> dict[str, t.Any]:
+    """The CPU, Python and package versions the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    packages = {}
+    for name in PACKAGES:
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "system": platform.platform(),
+        "packages": packages,
+    }
+
+
+def postgres_url() -> str | None:
+    """A fresh schema on PostgreSQL, or None (with the reason printed)."""
+    try:
+        engine = sa.create_engine(POSTGRES_URL)
+        with engine.begin() as connection:
+            connection.execute(sa.text(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
+            connection.execute(sa.text(f"CREATE SCHEMA {SCHEMA}"))
+        engine.dispose()
+    except Exception as exc:  # any failure means: not usable here
+        print(f"PostgreSQL skipped: {POSTGRES_URL} unreachable: {exc}", file=sys.stderr)
+        return None
+    return f"{POSTGRES_URL}?options=-csearch_path%3D{SCHEMA}"
+
+
+SCHEMA = f"notifyqueue_bench_{os.getpid()}"
+
+
+def drop_schema() -> None:
+    engine = sa.create_engine(POSTGRES_URL)
+    with engine.begin() as connection:
+        connection.execute(sa.text(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
+    engine.dispose()
+
+
+def run(quick: bool) -> dict[str, t.Any]:
+    repeats = 3 if quick else 15
+    directory = tempfile.mkdtemp()
+    sqlite = cases.sqlite_url(directory)
+    pg = postgres_url()
+    databases = {"sqlite": sqlite} | ({"postgresql": pg} if pg else {})
+    results: dict[str, t.Any] = {"machine": machine(), "quick": quick}
+    try:
+        results["B1"] = cases.b1_per_intent(
+            sqlite, [1, 10, 100, 1000], repeats, budget=0.01 if quick else 0.2
+        )
+        results["B2"] = {
+            name: cases.b2_request_overhead(url, 20 if quick else 300, repeats)
+            for name, url in databases.items()
+        }
+        results["B3"] = cases.b3_mail(20 if quick else 100, repeats)
+        results["B4"] = cases.b4_memory(
+            sqlite, 500 if quick else 10_000, 100 if quick else 1000
+        )
+    finally:
+        if pg:
+            drop_schema()
+    return results
+
+
+def table(results: dict[str, t.Any]) -> str:
+    def us(spread: dict[str, float]) -> str:
+        return (
+            f"{spread['median'] * 1e6:8.2f} µs"
+            f" ({spread['min'] * 1e6:.2f}–{spread['max'] * 1e6:.2f})"
+        )
+
+    def x(spread: dict[str, float]) -> str:
+        return f"{spread['median']:.2f}x ({spread['min']:.2f}–{spread['max']:.2f})"
+
+    m = results["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}",
+        "Packages: " + ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v),
+        "",
+        "B1 per-intent cost (median, min–max), SQLite",
+        f"{'intents':>8} {'commit':>28} {'notifyqueue':>30} {'naive':>30}  ratio",
+    ]
+    for row in results["B1"]["rows"]:
+        lines.append(
+            f"{row['intents']:>8} {us(row['commit']):>28}"
+            f" {us(row['notifyqueue per intent']):>30}"
+            f" {us(row['naive per intent']):>30}  {x(row['ratio'])}"
+        )
+    lines += ["", "B2 request overhead (per request)"]
+    for name, row in results["B2"].items():
+        lines.append(
+            f"  {name:<10} notifyqueue {us(row['notifyqueue'])}"
+            f"  undecorated {us(row['undecorated'])}  ratio {x(row['ratio'])}"
+        )
+    b3 = results["B3"]
+    lines += [
+        "",
+        f"B3 {b3['emails']} emails in one transaction",
+        f"  notifyqueue {b3['notifyqueue']['median'] * 1e3:.1f} ms,"
+        f" one connection each {b3['naive']['median'] * 1e3:.1f} ms,"
+        f" speed-up {x(b3['speed-up'])}",
+    ]
+    b4 = results["B4"]
+    peaks = b4["peak bytes per intent"]
+    lines += [
+        "",
+        f"B4 memory: {b4['retained bytes']} bytes retained after"
+        f" {b4['transactions']} transactions; peak bytes per queued intent:"
+        f" notifyqueue {peaks['notifyqueue']:.0f}, naive {peaks['naive']:.0f}",
+    ]
+    return "\n".join(lines)
+
+
+def chart(results: dict[str, t.Any], path: Path) -> bool:
+    """Draw B1-B3 as a PNG; False if matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (b1, b2, b3) = plt.subplots(1, 3, figsize=(13, 4))
+    rows = results["B1"]["rows"]
+    sizes = [row["intents"] for row in rows]
+    for side in ("notifyqueue", "naive"):
+        key = f"{side} per intent"
+        medians = [row[key]["median"] * 1e6 for row in rows]
+        errors = [
+            [(row[key]["median"] - row[key]["min"]) * 1e6 for row in rows],
+            [(row[key]["max"] - row[key]["median"]) * 1e6 for row in rows],
+        ]
+        b1.errorbar(sizes, medians, yerr=errors, marker="o", capsize=3, label=side)
+    b1.set_xscale("log")
+    b1.set_xlabel("intents per transaction")
+    b1.set_ylabel("µs per intent (commit excluded)")
+    b1.set_title("B1 per-intent cost")
+    b1.legend()
+    names = list(results["B2"])
+    for offset, side in ((-0.2, "notifyqueue"), (0.2, "undecorated")):
+        b2.bar(
+            [i + offset for i in range(len(names))],
+            [results["B2"][n][side]["median"] * 1e3 for n in names],
+            width=0.4,
+            label=side,
+        )
+    b2.set_xticks(range(len(names)), names)
+    b2.set_ylabel("ms per request")
+    b2.set_title("B2 request overhead")
+    b2.legend()
+    b3r = results["B3"]
+    b3.bar(
+        ["notifyqueue\n(one connection)", "one connection\nper message"],
+        [b3r["notifyqueue"]["median"] * 1e3, b3r["naive"]["median"] * 1e3],
+    )
+    b3.set_ylabel(f"ms for {b3r['emails']} emails")
+    b3.set_title("B3 mail")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="seconds, not minutes")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    results = run(args.quick)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    print(table(results))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "benchmarks.json").write_text(json.dumps(results, indent=2) + "\n")
+    if chart(results, args.out / "benchmarks.png"):
+        print(f"\nWrote {args.out}/benchmarks.json and benchmarks.png")
+    else:
+        print(
+            f"\nWrote {args.out}/benchmarks.json (no chart: matplotlib not installed)"
+        )
+    print(f"Ran in {results['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
