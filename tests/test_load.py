@@ -46,16 +46,15 @@ def number(intent: Intent) -> int | None:
 
 
 @pytest.fixture
-def misbehaving_handlers(
-    request: pytest.FixtureRequest,
-) -> t.Iterator[dict[str, list[t.Any]]]:
+def misbehaving_handlers() -> t.Iterator[list[tuple[str, list[t.Any]]]]:
     """Handlers keyed on the request number n of a colour change's log intent.
 
     n % 4 == 1: a ``dispatch`` receiver of the log channel raises;
     n % 4 == 2: an ``intent_dispatched`` receiver queues "follow-up n" and
     does not commit; n % 4 == 3: it queues "audit n" and commits.
+    Yields every ``batch_discarded`` as ``(reason, payloads)``.
     """
-    seen: dict[str, list[t.Any]] = {"discarded": []}
+    discards: list[tuple[str, list[t.Any]]] = []
     lock = threading.Lock()
 
     def raise_for_some(sender: str, *, app: Flask, intents: list[Intent]) -> None:
@@ -76,13 +75,13 @@ def misbehaving_handlers(
 
     def discarded(sender: Flask, *, intents: list[Intent], reason: str) -> None:
         with lock:
-            seen["discarded"].append((reason, [i.payload for i in intents]))
+            discards.append((reason, [i.payload for i in intents]))
 
     signals.dispatch.connect(raise_for_some, sender="log")
     signals.intent_dispatched.connect(queue_or_commit)
     signals.batch_discarded.connect(discarded)
     try:
-        yield seen
+        yield discards
     finally:
         signals.dispatch.disconnect(raise_for_some, sender="log")
         signals.intent_dispatched.disconnect(queue_or_commit)
@@ -91,7 +90,7 @@ def misbehaving_handlers(
 
 def test_handlers_that_raise_queue_or_commit_keep_to_their_own_request(
     smtp_server: SMTPServer,
-    misbehaving_handlers: dict[str, list[t.Any]],
+    misbehaving_handlers: list[tuple[str, list[t.Any]]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     requests = 400
@@ -128,7 +127,7 @@ def test_handlers_that_raise_queue_or_commit_keep_to_their_own_request(
     assert len(errors) == sum(1 for r in committed if r.number % 4 == 1)
     follow_ups = [
         discard
-        for discard in misbehaving_handlers["discarded"]
+        for discard in misbehaving_handlers
         if discard[0] == "teardown" or "follow-up" in str(discard[1])
     ]
     assert sorted(follow_ups) == sorted(
