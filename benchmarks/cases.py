@@ -148,39 +148,25 @@ def b1_per_intent(
             transactions = max(1, int(budget / (intents * 5e-6 + 2e-4)))
             _transactions("notifyqueue", intents, transactions)  # warm up
             _transactions("naive", intents, transactions)
-            samples: dict[str, list[float]] = {
-                "bare": [],
-                "notifyqueue": [],
-                "naive": [],
-            }
+            commits: list[float] = []
+            costs: dict[str, list[float]] = {"notifyqueue": [], "naive": []}
             ratios = []
             for _ in range(repeats):
                 times = {
                     side: _transactions(side, intents, transactions)
                     for side in ("bare", "notifyqueue", "naive")
                 }
-                cost = {
-                    side: (times[side] - times["bare"]) / intents
-                    for side in ("notifyqueue", "naive")
-                }
-                for side, seconds in times.items():
-                    samples[side].append(seconds)
-                samples.setdefault("notifyqueue per intent", []).append(
-                    cost["notifyqueue"]
-                )
-                samples.setdefault("naive per intent", []).append(cost["naive"])
-                ratios.append(cost["notifyqueue"] / cost["naive"])
+                commits.append(times["bare"])
+                for side, side_costs in costs.items():
+                    side_costs.append((times[side] - times["bare"]) / intents)
+                ratios.append(costs["notifyqueue"][-1] / costs["naive"][-1])
             rows.append(
                 {
                     "intents": intents,
                     "transactions per sample": transactions,
-                    "commit": Spread.of(samples["bare"]).as_dict(),
-                    "notifyqueue per intent": Spread.of(
-                        samples["notifyqueue per intent"]
-                    ).as_dict(),
-                    "naive per intent": Spread.of(
-                        samples["naive per intent"]
-                    ).as_dict(),
+                    "commit": Spread.of(commits).as_dict(),
+                    "notifyqueue per intent": Spread.of(costs["notifyqueue"]).as_dict(),
+                    "naive per intent": Spread.of(costs["naive"]).as_dict(),
                     "ratio": Spread.of(ratios).as_dict(),
                 }
             )
