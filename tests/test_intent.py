@@ -1,14 +1,18 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import os
 import re
 import typing as t
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from notifyqueue import BatchResult, Intent
+from notifyqueue import intent as intent_module
 
 MAIL_PAYLOAD = {
     "subject": "Made froggy jump",
@@ -32,6 +36,48 @@ def test_ids_are_unique() -> None:
     ids = {Intent.new("log", "hello", "enqueue").id for _ in range(20_000)}
 
     assert len(ids) == 20_000
+
+
+def test_ids_are_unique_across_threads() -> None:
+    def make(_: int) -> list[str]:
+        return [Intent.new("log", "hello", "enqueue").id for _ in range(5_000)]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ids = [intent_id for batch in pool.map(make, range(8)) for intent_id in batch]
+
+    assert len(set(ids)) == len(ids) == 40_000
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_never_repeats_its_parents_ids() -> None:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next ids, then leave at once
+        ids = " ".join(Intent.new("log", "x", "enqueue").id for _ in range(100))
+        os.write(write, ids.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = pipe.read().split()
+    os.waitpid(pid, 0)
+    parent = [Intent.new("log", "x", "enqueue").id for _ in range(100)]
+
+    assert len(child) == 100
+    assert not set(child) & set(parent)
+    assert child[0][:20] != parent[0][:20]
+
+
+def test_ids_stay_32_hex_characters_when_the_counter_runs_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    prefix = "0" * 20
+    monkeypatch.setattr(intent_module, "_source", (prefix, itertools.count(16**12 - 1)))
+
+    last, after = (Intent.new("log", "x", "enqueue").id for _ in range(2))
+
+    assert last == prefix + "f" * 12
+    assert re.fullmatch(r"[0-9a-f]{32}", after)
+    assert not after.startswith(prefix)
 
 
 def test_created_at_is_aware_utc_and_current() -> None:
