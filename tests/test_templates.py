@@ -3,6 +3,8 @@ from __future__ import annotations
 import typing as t
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from notifyqueue import TemplateError
 from notifyqueue.templates import (
@@ -149,6 +151,126 @@ def test_render_errors_become_template_errors(
         template.render(context)
     assert isinstance(info.value.__cause__, cause)
     assert text in str(info.value)
+
+
+class Everything:
+    """Attributes a template may name, keywords and non-identifiers included."""
+
+    id = 7
+    match = "soft keyword"
+
+    def __init__(self) -> None:
+        # Names an attribute assignment cannot spell, or would fold (NFKC).
+        vars(self).update(
+            {
+                "class": "keyword",
+                "b-c": "dash",
+                "\ufb01eld": "ligature: not NFKC-folded to 'field'",
+            }
+        )
+        self.field = "plain field"
+        self.items = {"k": "v", 0: "zero", "'": "quote"}
+
+
+RENDER_CONTEXT: dict[str, t.Any] = {
+    "froggy": Everything(),
+    "colour": "pink'\"\\{}",
+    "n": 3.14159,
+    "seq": ["first", "second"],
+    "\u00fc": "umlaut",
+    "my-key": "dashed key",
+    "'": "a quote as a name",
+}
+FIELDS = [
+    "froggy.id",
+    "froggy.match",
+    "froggy.class",
+    "froggy.b-c",
+    "froggy.\ufb01eld",
+    "froggy.field",
+    "froggy.items[k]",
+    "froggy.items[0]",
+    "froggy.items[']",
+    "colour",
+    "n",
+    "seq[1]",
+    "\u00fc",
+    "my-key",
+    "'",
+]
+CONVERSIONS = ["", "!r", "!s", "!a"]
+SPECS = ["", ":>12", ":^20", ":'<9", ':"<9', ":\\>5", ":"]
+LITERAL_PIECES = [
+    "a",
+    " ",
+    "'",
+    '"',
+    "\\",
+    "\\n",
+    "\n",
+    "\r",
+    "\t",
+    "\x00",
+    "\u2028",
+    "{{",
+    "}}",
+    "f",
+    "é",
+    "'''",
+    '"""',
+    "{{x}}",
+]
+
+
+@st.composite
+def templates(draw: st.DrawFn) -> str:
+    literal = st.lists(st.sampled_from(LITERAL_PIECES), max_size=6).map("".join)
+    parts = [draw(literal)]
+    for _ in range(draw(st.integers(0, 4))):
+        field = draw(st.sampled_from(FIELDS))
+        conversion = draw(st.sampled_from(CONVERSIONS))
+        spec = draw(st.sampled_from(SPECS))
+        parts += ["{" + field + conversion + spec + "}", draw(literal)]
+    return "".join(parts)
+
+
+@settings(max_examples=500, derandomize=True, deadline=None)
+@given(templates())
+def test_render_agrees_with_str_format_map(text: str) -> None:
+    # render() runs the template as compiled Python: it must mean exactly what
+    # str.format means, whatever quotes, escapes and names the text holds.
+    assert compile_template(text).render(RENDER_CONTEXT) == text.format_map(
+        RENDER_CONTEXT
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{x[exit('injected')]}",
+        "{x.y'); raise SystemExit('injected'); ('}",
+        "'; raise SystemExit('injected') #{x}",
+        '"""; raise SystemExit("injected") #{x}',
+        "\\'; raise SystemExit('injected') #{x}",
+        "{x!r:'); raise SystemExit('injected'); ('}",
+    ],
+)
+def test_template_text_never_runs_as_code(text: str) -> None:
+    context = {
+        "x": {
+            "exit('injected')": "looked up, not run",
+            "']; raise SystemExit('injected'); x['": "looked up, not run",
+        }
+    }
+    template = compile_template(text)  # SystemExit here or below: it ran
+    try:
+        expected = text.format_map(context)
+    except (KeyError, AttributeError, ValueError) as exc:
+        with pytest.raises(TemplateError) as info:
+            template.render(context)
+        assert type(info.value.__cause__) is type(exc)
+    else:
+        assert template.render(context) == expected
 
 
 def test_render_one_line_errors_become_template_errors() -> None:
