@@ -26,11 +26,14 @@ def queue_rendered(
     All are rendered before any is queued, so a rendering error queues none.
     """
     channels = state.channels
-    intents = [
-        Intent.new(name, channels[name].render(template, context), source)
-        for name, template in templates
-    ]
-    session = state.session()
+    intents = []
+    for name, template in templates:
+        intents.append(
+            Intent.new(name, channels[name].render(template, context), source)
+        )
+    # The registry directly: scoped_session.__call__ adds a frame and checks
+    # for keyword arguments we never pass.
+    session = state.session.registry()
     if signals.intent_queued.receivers:
         for intent in intents:
             signals.intent_queued.send(app, intent=intent)
