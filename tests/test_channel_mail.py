@@ -161,6 +161,10 @@ def test_messages_arrive_in_call_order_with_intent_id_header(
         "Saved 1",
         "Saved 2",
     ]
+    # The Message-ID is the intent's: unique, and the same if it is ever resent.
+    assert [m["Message-ID"] for m in smtp_server.messages] == [
+        f"<{intent.id}@{socket.getfqdn()}>" for intent in intents
+    ]
 
 
 def test_message_carries_prefixed_subject_body_sender_and_recipients(
@@ -721,6 +725,18 @@ def test_suppressed_send_reaches_no_server_but_record_messages_sees_it(
         intent.id for intent in intents
     ]
     assert [m.recipients for m in outbox] == [RECIPIENTS, RECIPIENTS]
+    # Each message is a copy of one prototype: none may share a list or dict
+    # with another, or with the channel's own recipients.
+    first, second = outbox
+    for name, value in vars(first).items():
+        if isinstance(value, (list, dict)):
+            assert value is not getattr(second, name), name
+    assert (
+        first.recipients
+        is not app.extensions["notifyqueue"].channels["mail"].recipients
+    )
+    first.cc.append("changed@example.com")
+    assert second.cc == []
     assert smtp_server.connections == 0
     assert smtp_server.messages == []
 
