@@ -110,26 +110,39 @@ def sqlite_url(directory: str) -> str:
 # -- B1: per-intent cost ---------------------------------------------------------
 
 
-def _transactions(side: str, intents: int, transactions: int) -> float:
-    """Seconds per transaction of ``intents`` calls then a commit, on ``side``."""
-    froggy = db.session.get(Froggy, 1)
-    assert froggy is not None
-    colours = [f"c{i}" for i in range(intents)]
-    last = intents - 1
+SIDES = ("bare", "notifyqueue", "naive")
+
+
+def _transaction(side: str, froggy: Froggy, colours: list[str]) -> float:
+    """Seconds for one transaction of ``len(colours)`` calls and a commit."""
     started = time.perf_counter()
-    for _ in range(transactions):
-        if side == "notifyqueue":
-            for colour in colours:
-                nq_update_colour(froggy, colour)
-            db.session.commit()
-        elif side == "naive":
-            for i, colour in enumerate(colours):
-                naive_update_colour(froggy, colour, last=i == last)
-        else:
-            for colour in colours:
-                bare_update_colour(froggy, colour)
-            db.session.commit()
-    return (time.perf_counter() - started) / transactions
+    if side == "notifyqueue":
+        for colour in colours:
+            nq_update_colour(froggy, colour)
+        db.session.commit()
+    elif side == "naive":
+        last = len(colours) - 1
+        for i, colour in enumerate(colours):
+            naive_update_colour(froggy, colour, last=i == last)
+    else:
+        for colour in colours:
+            bare_update_colour(froggy, colour)
+        db.session.commit()
+    return time.perf_counter() - started
+
+
+def _sample(froggy: Froggy, intents: int, transactions: int) -> dict[str, float]:
+    """Mean seconds per transaction of each side, the sides interleaved
+    transaction by transaction (in a rotating order), so that a slow stretch
+    of the machine falls on all three alike."""
+    colours = [f"c{i}" for i in range(intents)]
+    totals = dict.fromkeys(SIDES, 0.0)
+    gc.collect()
+    for n in range(transactions):
+        for k in range(3):
+            side = SIDES[(n + k) % 3]
+            totals[side] += _transaction(side, froggy, colours)
+    return {side: total / transactions for side, total in totals.items()}
 
 
 def b1_per_intent(
@@ -137,25 +150,23 @@ def b1_per_intent(
 ) -> dict[str, t.Any]:
     """Per-intent cost of notifyqueue and of the naive queue, commit apart.
 
-    Each repeat times ``bare`` (the same calls and commit, no notification),
-    then both sides; a side's per-intent cost is its time less bare's, over
-    the number of intents.
+    ``bare`` is the same calls and commit with no notification; a side's
+    per-intent cost is its time less bare's, over the number of intents.
+    Each repeat takes about ``budget`` seconds per side.
     """
     app = make_app(database_url)
     rows = []
     with app.app_context():
+        froggy = db.session.get(Froggy, 1)
+        assert froggy is not None
         for intents in sizes:
-            transactions = max(1, int(budget / (intents * 5e-6 + 2e-4)))
-            _transactions("notifyqueue", intents, transactions)  # warm up
-            _transactions("naive", intents, transactions)
+            transactions = max(10, int(budget / (intents * 4e-6 + 5e-4)))
+            _sample(froggy, intents, max(1, transactions // 5))  # warm up
             commits: list[float] = []
             costs: dict[str, list[float]] = {"notifyqueue": [], "naive": []}
             ratios = []
             for _ in range(repeats):
-                times = {
-                    side: _transactions(side, intents, transactions)
-                    for side in ("bare", "notifyqueue", "naive")
-                }
+                times = _sample(froggy, intents, transactions)
                 commits.append(times["bare"])
                 for side, side_costs in costs.items():
                     side_costs.append((times[side] - times["bare"]) / intents)
@@ -209,7 +220,7 @@ def b2_request_overhead(
     path = f"/froggies/{froggy_id}/colour"
 
     def sample(function: t.Any) -> float:
-        views.update_froggy_colour = function
+        vars(views)["update_froggy_colour"] = function
         started = time.perf_counter()
         for i in range(requests):
             response = client.put(path, json={"colour": f"c{i}"})
@@ -221,13 +232,16 @@ def b2_request_overhead(
         sample(undecorated)
         times: dict[str, list[float]] = {"notifyqueue": [], "undecorated": []}
         ratios = []
-        for _ in range(repeats):
-            with_nq, without = sample(decorated), sample(undecorated)
+        for repeat in range(repeats):
+            if repeat % 2:
+                without, with_nq = sample(undecorated), sample(decorated)
+            else:
+                with_nq, without = sample(decorated), sample(undecorated)
             times["notifyqueue"].append(with_nq)
             times["undecorated"].append(without)
             ratios.append(with_nq / without)
     finally:
-        views.update_froggy_colour = decorated
+        vars(views)["update_froggy_colour"] = decorated
         with app.app_context():
             db.session.remove()
             db.drop_all()
