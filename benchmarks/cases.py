@@ -10,15 +10,19 @@ from __future__ import annotations
 import gc
 import logging
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
 import typing as t
 from dataclasses import dataclass
+from pathlib import Path
 
 from flask import Flask
 from sqlalchemy import event, select
 
+import notifyqueue
 from notifyqueue import Channel, Intent, NotifyQueue, deferred_notify
 from sample_app.extensions import db
 from sample_app.models import Froggy
@@ -132,17 +136,33 @@ def _transaction(side: str, froggy: Froggy, colours: list[str]) -> float:
 
 
 def _sample(froggy: Froggy, intents: int, transactions: int) -> dict[str, float]:
-    """Mean seconds per transaction of each side, the sides interleaved
-    transaction by transaction (in a rotating order), so that a slow stretch
-    of the machine falls on all three alike."""
+    """Seconds per transaction of bare, and per intent of the two queues.
+
+    The sides run interleaved transaction by transaction (in a rotating
+    order), so a slow stretch of the machine falls on all three alike. A
+    queue's cost is the median over the transactions of its time less the
+    bare transaction's beside it: a median, because one transaction that met
+    a page fault or a stolen time slice is worth up to a millisecond, a
+    hundred times what one intent costs.
+    """
     colours = [f"c{i}" for i in range(intents)]
-    totals = dict.fromkeys(SIDES, 0.0)
+    times: dict[str, list[float]] = {side: [] for side in SIDES}
     gc.collect()
     for n in range(transactions):
         for k in range(3):
             side = SIDES[(n + k) % 3]
-            totals[side] += _transaction(side, froggy, colours)
-    return {side: total / transactions for side, total in totals.items()}
+            times[side].append(_transaction(side, froggy, colours))
+    bare = times["bare"]
+    return {
+        "bare": statistics.median(bare),
+        **{
+            side: statistics.median(
+                (spent - base) / intents
+                for spent, base in zip(times[side], bare, strict=True)
+            )
+            for side in ("notifyqueue", "naive")
+        },
+    }
 
 
 def b1_per_intent(
@@ -166,11 +186,11 @@ def b1_per_intent(
             costs: dict[str, list[float]] = {"notifyqueue": [], "naive": []}
             ratios = []
             for _ in range(repeats):
-                times = _sample(froggy, intents, transactions)
-                commits.append(times["bare"])
+                sample = _sample(froggy, intents, transactions)
+                commits.append(sample["bare"])
                 for side, side_costs in costs.items():
-                    side_costs.append((times[side] - times["bare"]) / intents)
-                ratios.append(costs["notifyqueue"][-1] / costs["naive"][-1])
+                    side_costs.append(sample[side])
+                ratios.append(sample["notifyqueue"] / sample["naive"])
             rows.append(
                 {
                     "intents": intents,
@@ -219,24 +239,30 @@ def b2_request_overhead(
     client = app.test_client()
     path = f"/froggies/{froggy_id}/colour"
 
-    def sample(function: t.Any) -> float:
-        vars(views)["update_froggy_colour"] = function
-        started = time.perf_counter()
+    def sample() -> tuple[float, float]:
+        """Median seconds per request with and without notifyqueue, the two
+        alternating request by request (a median: a SQLite COMMIT's fsync
+        now and then takes ten times the usual)."""
+        functions = {"notifyqueue": decorated, "undecorated": undecorated}
+        times: dict[str, list[float]] = {side: [] for side in functions}
         for i in range(requests):
-            response = client.put(path, json={"colour": f"c{i}"})
-            assert response.status_code == 200, response.json
-        return (time.perf_counter() - started) / requests
+            for side in sorted(functions, reverse=i % 2 == 1):
+                vars(views)["update_froggy_colour"] = functions[side]
+                started = time.perf_counter()
+                response = client.put(path, json={"colour": f"c{i}"})
+                times[side].append(time.perf_counter() - started)
+                assert response.status_code == 200, response.json
+        return (
+            statistics.median(times["notifyqueue"]),
+            statistics.median(times["undecorated"]),
+        )
 
     try:
-        sample(decorated)
-        sample(undecorated)
+        sample()
         times: dict[str, list[float]] = {"notifyqueue": [], "undecorated": []}
         ratios = []
-        for repeat in range(repeats):
-            if repeat % 2:
-                without, with_nq = sample(undecorated), sample(decorated)
-            else:
-                with_nq, without = sample(decorated), sample(undecorated)
+        for _ in range(repeats):
+            with_nq, without = sample()
             times["notifyqueue"].append(with_nq)
             times["undecorated"].append(without)
             ratios.append(with_nq / without)
@@ -257,75 +283,99 @@ def b2_request_overhead(
 # -- B3: mail ------------------------------------------------------------------
 
 
-def b3_mail(emails: int, repeats: int) -> dict[str, t.Any]:
-    """``emails`` emails in one transaction to a real SMTP server on loopback:
-    notifyqueue's batch on one connection against one connection per message,
-    as a naive drain calling ``mail.send()`` for each would do."""
+def b3_mail(emails: int, repeats: int, relay: bool = False) -> dict[str, t.Any]:
+    """``emails`` emails in one transaction to a real SMTP server on loopback
+    (aiosmtpd, in a process of its own): notifyqueue's batch on one
+    connection against one connection per message, as a naive drain calling
+    Flask-Mail's ``mail.send()`` for each would do.
+
+    ``relay``: the server requires STARTTLS and AUTH, as a mail relay does.
+    """
     from flask_mail import Mail, Message
 
     from notifyqueue import enqueue
-    from tests.smtp import start_smtp_server
 
-    server, stop = start_smtp_server()
-    directory = tempfile.mkdtemp()
-    app = Flask("benchmarks_mail")
-    app.config.update(
-        SQLALCHEMY_DATABASE_URI=sqlite_url(directory),
-        MAIL_DEFAULT_SENDER="froggy-api@example.com",
-        NOTIFYQUEUE_CHANNELS={
-            "mail": {"type": "mail", "recipients": ["froggy-admins@example.com"]}
-        },
-        **server.config(),
+    server = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.smtp_sink"] + (["--tls"] if relay else []),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
     )
-    db.init_app(app)
-    mail = Mail(app)
-    NotifyQueue(app)
-    template = {"subject": "Froggy {n} updated", "body": "Froggy {n}: new colour."}
-
-    def with_notifyqueue() -> float:
-        started = time.perf_counter()
-        for n in range(emails):
-            enqueue("mail", template, n=n)
-        db.session.commit()
-        return time.perf_counter() - started
-
-    def one_connection_each() -> float:
-        started = time.perf_counter()
-        entries = []
-        for n in range(emails):
-            entries.append(
-                Message(
-                    subject=f"Froggy {n} updated",
-                    body=f"Froggy {n}: new colour.",
-                    recipients=["froggy-admins@example.com"],
-                )
-            )
-        db.session.commit()
-        for message in entries:
-            mail.send(message)
-        return time.perf_counter() - started
-
+    assert server.stdin is not None and server.stdout is not None
     try:
+        line = server.stdout.readline()
+        if not line:
+            raise RuntimeError("B3: the SMTP server did not start (see its stderr)")
+        port = int(line)
+        directory = tempfile.mkdtemp()
+        app = Flask("benchmarks_mail")
+        app.config.update(
+            SQLALCHEMY_DATABASE_URI=sqlite_url(directory),
+            MAIL_SERVER="127.0.0.1",
+            MAIL_PORT=port,
+            MAIL_SUPPRESS_SEND=False,
+            MAIL_USE_TLS=relay,
+            MAIL_USERNAME="bench" if relay else None,
+            MAIL_PASSWORD="bench" if relay else None,
+            MAIL_DEFAULT_SENDER="froggy-api@example.com",
+            NOTIFYQUEUE_CHANNELS={
+                "mail": {"type": "mail", "recipients": ["froggy-admins@example.com"]}
+            },
+        )
+        db.init_app(app)
+        mail = Mail(app)
+        NotifyQueue(app)
+        template = {"subject": "Froggy {n} updated", "body": "Froggy {n}: new colour."}
+
+        def with_notifyqueue() -> float:
+            started = time.perf_counter()
+            for n in range(emails):
+                enqueue("mail", template, n=n)
+            db.session.commit()
+            return time.perf_counter() - started
+
+        def one_connection_each() -> float:
+            started = time.perf_counter()
+            entries = []
+            for n in range(emails):
+                entries.append(
+                    Message(
+                        subject=f"Froggy {n} updated",
+                        body=f"Froggy {n}: new colour.",
+                        recipients=["froggy-admins@example.com"],
+                    )
+                )
+            db.session.commit()
+            for message in entries:
+                mail.send(message)
+            return time.perf_counter() - started
+
         with app.app_context():
             with_notifyqueue()
             one_connection_each()
             times: dict[str, list[float]] = {"notifyqueue": [], "naive": []}
             ratios = []
-            for _ in range(repeats):
-                batch, each = with_notifyqueue(), one_connection_each()
+            for repeat in range(repeats):
+                if repeat % 2:
+                    each, batch = one_connection_each(), with_notifyqueue()
+                else:
+                    batch, each = with_notifyqueue(), one_connection_each()
                 times["notifyqueue"].append(batch)
                 times["naive"].append(each)
                 ratios.append(each / batch)
-            received = len(server.messages)
             db.session.remove()
             db.engine.dispose()
     finally:
-        stop()
+        server.stdin.close()
+        received = server.stdout.readline()
+        server.wait(timeout=30)
     expected = emails * 2 * (repeats + 1)
-    if received != expected:
+    if int(received or 0) != expected:
         raise RuntimeError(f"B3: the server received {received} of {expected} emails")
     return {
         "emails": emails,
+        "server": "STARTTLS + AUTH" if relay else "plain SMTP",
         "notifyqueue": Spread.of(times["notifyqueue"]).as_dict(),
         "naive": Spread.of(times["naive"]).as_dict(),
         "speed-up": Spread.of(ratios).as_dict(),
@@ -337,8 +387,10 @@ def b3_mail(emails: int, repeats: int) -> dict[str, t.Any]:
 
 def b4_memory(database_url: str, transactions: int, intents: int) -> dict[str, t.Any]:
     """Bytes still allocated after ``transactions`` transactions (after a
-    warm-up), and the peak bytes per intent while ``intents`` wait in one."""
+    warm-up): in all, and by notifyqueue's own code; and the peak bytes per
+    intent while ``intents`` wait in one transaction, on both sides."""
     app = make_app(database_url)
+    package = str(Path(notifyqueue.__file__).parent)
     with app.app_context():
         froggy = db.session.get(Froggy, 1)
         assert froggy is not None
@@ -348,24 +400,35 @@ def b4_memory(database_url: str, transactions: int, intents: int) -> dict[str, t
         gc.collect()
         tracemalloc.start()
         try:
+            before = _snapshot()
             for i in range(transactions):
                 nq_update_colour(froggy, f"c{i}")
                 db.session.commit()
             gc.collect()
-            retained = tracemalloc.get_traced_memory()[0]
+            growth = _snapshot().compare_to(before, "filename")
+            retained = sum(stat.size_diff for stat in growth)
+            largest = {
+                _short(stat.traceback[0].filename): stat.size_diff
+                for stat in sorted(growth, key=lambda stat: -stat.size_diff)[:3]
+            }
+            retained_by_notifyqueue = sum(
+                stat.size_diff
+                for stat in growth
+                if stat.traceback[0].filename.startswith(package)
+            )
             peaks = {}
             for side in ("notifyqueue", "naive"):
                 froggy.id  # noqa: B018  (reload it outside the measurement)
                 gc.collect()
                 tracemalloc.reset_peak()
-                before = tracemalloc.get_traced_memory()[0]
+                start = tracemalloc.get_traced_memory()[0]
                 for i in range(intents):
                     if side == "notifyqueue":
                         nq_update_colour(froggy, f"p{i}")
                     else:
                         naive_update_colour(froggy, f"p{i}")
                 peak = tracemalloc.get_traced_memory()[1]
-                peaks[side] = (peak - before) / intents
+                peaks[side] = (peak - start) / intents
                 if side == "notifyqueue":
                     db.session.commit()
                 else:
@@ -377,6 +440,24 @@ def b4_memory(database_url: str, transactions: int, intents: int) -> dict[str, t
     return {
         "transactions": transactions,
         "retained bytes": retained,
+        "retained bytes allocated by notifyqueue": retained_by_notifyqueue,
+        "retained bytes, largest by file": largest,
         "intents": intents,
         "peak bytes per intent": peaks,
     }
+
+
+def _snapshot() -> tracemalloc.Snapshot:
+    """What is allocated now, less tracemalloc's own bookkeeping."""
+    return tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(False, tracemalloc.__file__)]
+    )
+
+
+def _short(filename: str) -> str:
+    """A path from its package on: ``sqlalchemy/pool/base.py``."""
+    parts = Path(filename).parts
+    for marker in ("site-packages", "lib"):
+        if marker in parts:
+            return "/".join(parts[len(parts) - parts[::-1].index(marker) :])
+    return filename
