@@ -176,6 +176,7 @@ def chart(results: dict[str, t.Any], path: Path) -> bool:
     """Draw B1-B3 as a PNG; False if matplotlib is not installed."""
     try:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -193,6 +194,11 @@ def chart(results: dict[str, t.Any], path: Path) -> bool:
         ]
         b1.errorbar(sizes, medians, yerr=errors, marker="o", capsize=3, label=side)
     b1.set_xscale("log")
+    b1.set_yscale("log")
+    low, high = b1.get_ylim()
+    b1.set_yticks([y for y in (1, 2, 3, 5, 10, 20, 30, 50, 100) if low <= y <= high])
+    b1.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    b1.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     b1.set_xlabel("intents per transaction")
     b1.set_ylabel("µs per intent (commit excluded)")
     b1.set_title("B1 per-intent cost")
@@ -205,10 +211,22 @@ def chart(results: dict[str, t.Any], path: Path) -> bool:
             width=0.4,
             label=side,
         )
+    for i, name in enumerate(names):
+        top = max(
+            results["B2"][name][side]["median"]
+            for side in ("notifyqueue", "undecorated")
+        )
+        b2.annotate(
+            f"{results['B2'][name]['ratio']['median']:.2f}x",
+            (i, top * 1e3),
+            ha="center",
+            va="bottom",
+        )
     b2.set_xticks(range(len(names)), names)
     b2.set_ylabel("ms per request")
     b2.set_title("B2 request overhead")
-    b2.legend()
+    b2.set_ylim(top=b2.get_ylim()[1] * 1.2)
+    b2.legend(loc="upper left")
     servers = [row["server"] for row in results["B3"]]
     for offset, side, label in (
         (-0.2, "notifyqueue", "notifyqueue (one connection)"),
@@ -220,10 +238,18 @@ def chart(results: dict[str, t.Any], path: Path) -> bool:
             width=0.4,
             label=label,
         )
+    for i, row in enumerate(results["B3"]):
+        b3.annotate(
+            f"{row['speed-up']['median']:.2f}x faster",
+            (i, row["naive"]["median"] * 1e3),
+            ha="center",
+            va="bottom",
+        )
     b3.set_xticks(range(len(servers)), servers)
     b3.set_ylabel(f"ms for {results['B3'][0]['emails']} emails")
     b3.set_title("B3 mail")
-    b3.legend()
+    b3.set_ylim(top=b3.get_ylim()[1] * 1.25)
+    b3.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
