@@ -71,12 +71,18 @@ def postgres_url() -> str | None:
             connection.execute(sa.text(f"CREATE SCHEMA {SCHEMA}"))
         engine.dispose()
     except Exception as exc:  # any failure means: not usable here
+        if os.environ.get("NOTIFYQUEUE_REQUIRE_SERVICES") == "1":
+            raise RuntimeError(
+                f"PostgreSQL at {POSTGRES_URL} is unreachable, and"
+                " NOTIFYQUEUE_REQUIRE_SERVICES=1 requires it"
+            ) from exc
         print(f"PostgreSQL skipped: {POSTGRES_URL} unreachable: {exc}", file=sys.stderr)
         return None
     return f"{POSTGRES_URL}?options=-csearch_path%3D{SCHEMA}"
 
 
 SCHEMA = f"notifyqueue_bench_{os.getpid()}"
+RESULTS = Path(__file__).parent / "results"
 
 
 def drop_schema() -> None:
@@ -259,8 +265,16 @@ def chart(results: dict[str, t.Any], path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="seconds, not minutes")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where to write the JSON and the chart; default benchmarks/results,"
+        " or a new temporary directory with --quick (the README's figures are"
+        " from a full run)",
+    )
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp()) if args.quick else RESULTS
     started = time.perf_counter()
     results = run(args.quick)
     results["seconds"] = round(time.perf_counter() - started, 1)
