@@ -42,6 +42,10 @@ class Template(str):
                 " Check that the context has every field the template names."
             ) from exc
 
+    def __reduce__(self) -> tuple[t.Any, ...]:
+        # Compiled again on unpickling: the generated function cannot travel.
+        return (compile_template, (str(self),))
+
     def render_one_line(self, context: t.Mapping[str, t.Any]) -> str:
         """Like :meth:`render`, but CR and LF inside values become ``\\r``/``\\n``.
 

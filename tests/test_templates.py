@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+import pickle
 import typing as t
 
 import pytest
@@ -13,6 +15,10 @@ from notifyqueue.templates import (
     compile_templates,
     template_fields,
 )
+
+
+def pickle_round_trip(value: t.Any) -> t.Any:
+    return pickle.loads(pickle.dumps(value))
 
 
 class Froggy:
@@ -271,6 +277,20 @@ def test_template_text_never_runs_as_code(text: str) -> None:
         assert type(info.value.__cause__) is type(exc)
     else:
         assert template.render(context) == expected
+
+
+@pytest.mark.parametrize("duplicate", [pickle_round_trip, copy.copy, copy.deepcopy])
+def test_a_template_survives_pickle_and_copy(
+    duplicate: t.Callable[[t.Any], t.Any],
+) -> None:
+    template = compile_template("Froggy {froggy.id}: {colour!r}")
+
+    copied = duplicate(template)
+
+    assert isinstance(copied, Template)
+    assert copied == template
+    assert copied.fields == template.fields
+    assert copied.render({"froggy": Froggy(), "colour": "pink"}) == "Froggy 7: 'pink'"
 
 
 def test_render_one_line_errors_become_template_errors() -> None:
