@@ -142,11 +142,12 @@ def table(results: dict[str, t.Any]) -> str:
         "Packages: " + ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v),
         "",
         "B1 per-intent cost (median, min–max), SQLite",
-        f"{'intents':>8} {'commit':>28} {'notifyqueue':>30} {'naive':>30}  ratio",
+        f"{'intents':>8} {'bare transaction':>28} {'notifyqueue':>30}"
+        f" {'naive':>30}  ratio",
     ]
     for row in results["B1"]["rows"]:
         lines.append(
-            f"{row['intents']:>8} {us(row['commit']):>28}"
+            f"{row['intents']:>8} {us(row['bare transaction']):>28}"
             f" {us(row['notifyqueue per intent']):>30}"
             f" {us(row['naive per intent']):>30}  {x(row['ratio'])}"
         )
