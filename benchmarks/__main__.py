@@ -93,12 +93,16 @@ def drop_schema() -> None:
 
 
 def run(quick: bool) -> dict[str, t.Any]:
+    with tempfile.TemporaryDirectory() as directory:
+        return _run(quick, cases.sqlite_url(directory))
+
+
+def _run(quick: bool, sqlite: str) -> dict[str, t.Any]:
     repeats = 3 if quick else 15
-    directory = tempfile.mkdtemp()
-    sqlite = cases.sqlite_url(directory)
     pg = postgres_url()
     databases = {"sqlite": sqlite} | ({"postgresql": pg} if pg else {})
     results: dict[str, t.Any] = {"machine": machine(), "quick": quick}
+    emails = 20 if quick else 100
     try:
         results["B1"] = cases.b1_per_intent(
             sqlite, [1, 10, 100, 1000], repeats, budget=0.01 if quick else 0.2
@@ -107,11 +111,9 @@ def run(quick: bool) -> dict[str, t.Any]:
             name: cases.b2_request_overhead(url, 20 if quick else 300, repeats)
             for name, url in databases.items()
         }
-        results["B3"] = [cases.b3_mail(20 if quick else 100, repeats)]
+        results["B3"] = [cases.b3_mail(sqlite, emails, repeats)]
         if shutil.which("openssl"):
-            results["B3"].append(
-                cases.b3_mail(20 if quick else 100, repeats, relay=True)
-            )
+            results["B3"].append(cases.b3_mail(sqlite, emails, repeats, relay=True))
         else:
             print("B3 STARTTLS + AUTH skipped: no openssl command", file=sys.stderr)
         results["B4"] = cases.b4_memory(

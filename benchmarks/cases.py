@@ -12,7 +12,6 @@ import logging
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 import typing as t
@@ -287,7 +286,9 @@ def b2_request_overhead(
 # -- B3: mail ------------------------------------------------------------------
 
 
-def b3_mail(emails: int, repeats: int, relay: bool = False) -> dict[str, t.Any]:
+def b3_mail(
+    database_url: str, emails: int, repeats: int, relay: bool = False
+) -> dict[str, t.Any]:
     """``emails`` emails in one transaction to a real SMTP server on loopback
     (aiosmtpd, in a process of its own): notifyqueue's batch on one
     connection against one connection per message, as a naive drain calling
@@ -312,10 +313,9 @@ def b3_mail(emails: int, repeats: int, relay: bool = False) -> dict[str, t.Any]:
         if not line:
             raise RuntimeError("B3: the SMTP server did not start (see its stderr)")
         port = int(line)
-        directory = tempfile.mkdtemp()
         app = Flask("benchmarks_mail")
         app.config.update(
-            SQLALCHEMY_DATABASE_URI=sqlite_url(directory),
+            SQLALCHEMY_DATABASE_URI=database_url,
             MAIL_SERVER="127.0.0.1",
             MAIL_PORT=port,
             MAIL_SUPPRESS_SEND=False,
