@@ -35,7 +35,8 @@ _UTC = timezone.utc
 class Intent:
     """One rendered notification waiting for (or past) its transaction's commit.
 
-    :param id: 32 hex characters, unique; use it as an idempotency key.
+    :param id: 32 hex characters, unique; use it as an idempotency key. It
+        is not a secret: ids of one process share a prefix and count up.
     :param channel: the name of the channel that delivers it.
     :param payload: what the channel rendered at queue time (``str`` for a log
         channel; a dict with ``subject``, ``body``, ``recipients`` and
