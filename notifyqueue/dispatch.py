@@ -81,8 +81,6 @@ def _groups(intents: list[Intent], state: _State) -> list[tuple[str, list[Intent
             by_channel[intent.channel] = [intent]
         else:
             group.append(intent)
-    if len(by_channel) == 1:
-        return list(by_channel.items())
     return [(name, by_channel[name]) for name in state.channels if name in by_channel]
 
 
