@@ -6,13 +6,13 @@ import dataclasses
 import inspect
 import typing as t
 
-from flask import Flask, current_app
+from flask import Flask, appcontext_tearing_down, current_app
 from sqlalchemy.orm import scoped_session
 
 from .channels import Channel, resolve_channel_class
 from .errors import ArgumentTypeError, ConfigurationError, LifecycleError
 from .intent import Intent
-from .transaction import discard_pending, watch
+from .transaction import begin_teardown, end_teardown, watch
 
 _EXTENSION_KEY = "notifyqueue"
 _ORDERS = ("channel", "call")
@@ -168,6 +168,7 @@ class NotifyQueue:
             app.config.setdefault(key, value)
         app.extensions[_EXTENSION_KEY] = state
         app.teardown_appcontext(_teardown)
+        appcontext_tearing_down.connect(_after_teardown, sender=app, weak=False)
 
         from .cli import cli
 
@@ -186,11 +187,19 @@ def _flask_sqlalchemy_session(app: Flask) -> scoped_session[t.Any]:
 
 
 def _teardown(exc: BaseException | None) -> None:
-    """Discard what the ending app context queued but did not commit."""
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    """Mark the ending app context; what it leaves uncommitted goes at the end.
+
+    Flask runs teardown functions newest first, so a function the app
+    registered before ``init_app`` runs after this one: if it commits, that
+    commit must still dispatch. Discarding waits for ``_after_teardown``.
+    """
+    begin_teardown()
+
+
+def _after_teardown(app: Flask, **kwargs: t.Any) -> None:
+    """Once every teardown function has run, drop what the context queued."""
     registry = app.extensions[_EXTENSION_KEY].session.registry
-    if registry.has():
-        discard_pending(registry(), "teardown", app)
+    end_teardown(registry() if registry.has() else None)
 
 
 def get_state(app: Flask | None = None) -> tuple[Flask, _State]:

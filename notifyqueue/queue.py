@@ -8,7 +8,7 @@ from . import signals
 from .errors import ChannelNotFound, DeliveryError
 from .extension import _State, get_state
 from .intent import BatchResult, Intent
-from .transaction import add_intents, current_batch, discard_pending
+from .transaction import add_intents, current_batch
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -75,13 +75,11 @@ def finalise(commit: bool = True) -> BatchResult:
     :raises DeliveryError: with ``NOTIFYQUEUE_STRICT``, if anything failed to
         dispatch (the data is committed).
     """
-    app, state = get_state()
+    _, state = get_state()
     session = state.session()
     batch = current_batch(session)
     if not commit:
         session.rollback()
-        # A batch queued before any transaction began is not ended by rollback().
-        discard_pending(session, "rollback", app)
         if batch is None or batch.result is None:
             return BatchResult(committed=False)
         return batch.result
@@ -91,7 +89,6 @@ def finalise(commit: bool = True) -> BatchResult:
         raise  # strict mode: the commit succeeded, delivery did not
     except Exception:
         session.rollback()
-        discard_pending(session, "commit failed", app)
         raise
     if batch is None or batch.result is None:
         return BatchResult(committed=True)

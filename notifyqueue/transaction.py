@@ -12,23 +12,30 @@ SQLAlchemy's events say what became of each transaction:
   end that did not release drops the intents queued since it began.
 - Flushes open inner subtransactions (neither root nor savepoint); they are
   ignored.
+
+Each intent also belongs to the app context it was queued in: when that
+context ends without committing, only its own intents are dropped, even if
+the session (a thread-local ``scoped_session``) lives on.
 """
 
 from __future__ import annotations
 
 import typing as t
 import weakref
+from functools import partial
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session, sessionmaker
 
 from . import signals
+from .context import current_context
 from .dispatch import dispatch_committed, send_isolated
 from .errors import ConfigurationError, LifecycleError
 from .intent import BatchResult, Intent
 
 if t.TYPE_CHECKING:
     from flask import Flask
+    from flask.ctx import AppContext
 
 _KEY = "notifyqueue.batch"
 
@@ -39,23 +46,33 @@ class _Batch:
     __slots__ = (
         "app",
         "intents",
+        "owners",
         "marks",
+        "rolled_back_savepoints",
         "discarded",
         "committed",
         "committing",
         "rolled_back",
+        "waiting",
         "result",
     )
 
     def __init__(self, app: Flask | None) -> None:
         self.app = app
         self.intents: list[Intent] = []
+        # (app context, index of its first intent), one entry each time the
+        # queueing context changes. Contexts nest, so what a context queued is
+        # always the batch's tail when it ends.
+        self.owners: list[tuple[AppContext | None, int]] = []
         # Savepoint -> how many intents were queued when it began.
         self.marks: dict[SessionTransaction, int] = {}
+        self.rolled_back_savepoints: set[SessionTransaction] = set()
         self.discarded: list[Intent] = []
         self.committed: SessionTransaction | None = None
         self.committing = False
         self.rolled_back = False
+        # Queued outside any transaction by a session without autobegin.
+        self.waiting = False
         self.result: BatchResult | None = None
 
 
@@ -66,10 +83,12 @@ def add_intents(session: Session, app: Flask, intents: list[Intent]) -> None:
     is in progress (no connection is taken until SQL runs), so a rollback,
     ``close()`` or ``remove()`` that follows ends the batch with it. A session
     with ``autobegin=False`` is left alone: its intents wait for the
-    transaction it begins next.
+    transaction it begins next, unless it is closed or rolled back first.
     """
-    if session.autobegin and not session.in_transaction():
+    waiting = not session.in_transaction()
+    if waiting and session.autobegin:
         session.begin()
+        waiting = False
     batch = session.info.get(_KEY)
     if batch is None:
         batch = session.info[_KEY] = _Batch(app)
@@ -81,7 +100,13 @@ def add_intents(session: Session, app: Flask, intents: list[Intent]) -> None:
                 " session of its own."
             )
         batch.app = app
+    owner = current_context()
+    owners = batch.owners
+    if not owners or owners[-1][0] is not owner:
+        owners.append((owner, len(batch.intents)))
     batch.intents.extend(intents)
+    if waiting and not batch.waiting:
+        _wait_for_a_transaction(session, batch)
 
 
 def current_batch(session: Session) -> _Batch | None:
@@ -89,22 +114,100 @@ def current_batch(session: Session) -> _Batch | None:
     return session.info.get(_KEY)
 
 
-def discard_pending(session: Session, reason: str, app: Flask) -> BatchResult | None:
-    """End the session's batch of ``app`` now, without dispatch.
+# App contexts whose teardown has begun: a session closed meanwhile (by
+# Flask-SQLAlchemy's own teardown, say) discards its batch as "teardown".
+_ending: weakref.WeakSet[AppContext] = weakref.WeakSet()
 
-    Whatever the session's transaction does next, these intents are gone.
+
+def begin_teardown() -> None:
+    """Note that the current app context has begun its teardown."""
+    context = current_context()
+    if context is not None:
+        _ending.add(context)
+
+
+def end_teardown(session: Session | None) -> None:
+    """The current app context's teardown is over: drop what it queued.
+
+    Only the intents queued while this context was current go (reason
+    ``teardown``): an outer context of the same app keeps its own, and what
+    the app's teardown functions committed was dispatched already.
     """
+    context = current_context()
+    try:
+        if session is not None:
+            _discard_owned(session, context, "teardown")
+    finally:
+        if context is not None:
+            _ending.discard(context)
+
+
+def _discard_owned(session: Session, owner: AppContext | None, reason: str) -> None:
     batch: _Batch | None = session.info.get(_KEY)
-    if batch is None or batch.app not in (None, app):
+    if batch is None:
+        return
+    position = next(
+        (i for i, (context, _) in enumerate(batch.owners) if context is owner), None
+    )
+    if position is None:
+        return
+    start = batch.owners[position][1]
+    dropped = batch.intents[start:]
+    del batch.intents[start:]
+    del batch.owners[position:]
+    # A savepoint begun inside the ending context may outlive it: it now
+    # starts where the remaining intents end.
+    for savepoint, mark in batch.marks.items():
+        if mark > start:
+            batch.marks[savepoint] = start
+    if not batch.intents and not batch.marks:
+        _pop_batch(session)
+    if dropped and batch.app is not None:
+        send_isolated(
+            signals.batch_discarded, batch.app, intents=dropped, reason=reason
+        )
+
+
+def _pop_batch(session: Session) -> _Batch | None:
+    batch: _Batch | None = session.info.pop(_KEY, None)
+    if batch is not None and batch.waiting:
+        _stop_waiting(session, batch)
+    return batch
+
+
+# SQLAlchemy fires no event when close() or rollback() find no transaction,
+# so while a batch waits outside one, the session's own methods end it.
+_ENDINGS = (
+    ("close", "close"),
+    ("reset", "close"),
+    ("invalidate", "close"),
+    ("rollback", "rollback"),
+)
+
+
+def _wait_for_a_transaction(session: Session, batch: _Batch) -> None:
+    batch.waiting = True
+    ref = weakref.ref(session)
+    for name, reason in _ENDINGS:
+        setattr(session, name, partial(_end_waiting, ref, name, reason))
+
+
+def _stop_waiting(session: Session, batch: _Batch) -> None:
+    batch.waiting = False
+    for name, _ in _ENDINGS:
+        vars(session).pop(name, None)
+
+
+def _end_waiting(
+    ref: weakref.ref[Session], name: str, reason: str, *args: t.Any, **kwargs: t.Any
+) -> t.Any:
+    session = ref()
+    if session is None:  # pragma: no cover - a bound call keeps it alive
         return None
-    del session.info[_KEY]
-    if batch.marks:
-        # The transaction goes on with savepoints still open: what is queued
-        # next inside one of them must still go if that savepoint rolls back.
-        successor = session.info[_KEY] = _Batch(None)
-        successor.marks = dict.fromkeys(batch.marks, 0)
-    _discard(batch, reason)
-    return batch.result
+    batch = _pop_batch(session)
+    if batch is not None:
+        _discard(batch, reason)
+    return getattr(session, name)(*args, **kwargs)
 
 
 def watch(session: scoped_session[t.Any]) -> None:
@@ -119,8 +222,14 @@ def watch(session: scoped_session[t.Any]) -> None:
     # Not event.contains(): SQLAlchemy keys it on id(target), and a new
     # sessionmaker's class often reuses the address of a collected one, which
     # would then look watched already.
-    if cls in _watched:
-        return
+    if any(issubclass(cls, watched) for watched in _watched):
+        return  # a class's listeners act on its subclasses' sessions too
+    # Listen on the base alone, or a subclass's sessions would see every
+    # event twice.
+    for subclass in [watched for watched in _watched if issubclass(watched, cls)]:
+        for name, listener in _LISTENERS:
+            event.remove(subclass, name, listener)
+        _watched.discard(subclass)
     for name, listener in _LISTENERS:
         event.listen(cls, name, listener)
     _watched.add(cls)
@@ -144,6 +253,10 @@ def _on_transaction_create(session: Session, transaction: SessionTransaction) ->
         if batch is None:
             batch = session.info[_KEY] = _Batch(None)
         batch.marks[transaction] = len(batch.intents)
+    elif transaction.parent is None:
+        batch = session.info.get(_KEY)
+        if batch is not None and batch.waiting:
+            _stop_waiting(session, batch)  # it has its transaction now
 
 
 def _on_before_commit(session: Session) -> None:
@@ -154,15 +267,23 @@ def _on_before_commit(session: Session) -> None:
 
 def _on_after_commit(session: Session) -> None:
     batch = session.info.get(_KEY)
-    if batch is not None:
-        # A savepoint release fires this too: record which transaction it was.
-        batch.committed = session.get_nested_transaction() or session.get_transaction()
+    if batch is None:
+        # Recorded even with nothing queued: another after_commit listener,
+        # run after this one, may queue, and that joins this commit too.
+        batch = session.info[_KEY] = _Batch(None)
+    # A savepoint release fires this too: record which transaction it was.
+    batch.committed = session.get_nested_transaction() or session.get_transaction()
 
 
 def _on_after_rollback(session: Session) -> None:
     batch = session.info.get(_KEY)
-    if batch is not None and not session.in_nested_transaction():
+    if batch is None:
+        return
+    savepoint = session.get_nested_transaction()
+    if savepoint is None:
         batch.rolled_back = True
+    else:
+        batch.rolled_back_savepoints.add(savepoint)
 
 
 def _on_transaction_end(session: Session, transaction: SessionTransaction) -> None:
@@ -171,16 +292,19 @@ def _on_transaction_end(session: Session, transaction: SessionTransaction) -> No
         return
     if transaction.parent is not None:
         return  # a flush's subtransaction
-    batch = session.info.pop(_KEY, None)
+    batch = _pop_batch(session)
     if batch is None:
         return
     if transaction is batch.committed:
-        batch.result = dispatch_committed(batch.app, batch.intents, batch.discarded)
+        if batch.intents or batch.discarded:
+            batch.result = dispatch_committed(batch.app, batch.intents, batch.discarded)
     else:
         if batch.committing:
             reason = "commit failed"
         elif batch.rolled_back:
             reason = "rollback"
+        elif current_context() in _ending:
+            reason = "teardown"
         else:
             reason = "close"
         _discard(batch, reason)
@@ -193,10 +317,19 @@ def _end_savepoint(session: Session, transaction: SessionTransaction) -> None:
     mark = batch.marks.pop(transaction, None)
     if mark is None or transaction is batch.committed:
         return  # released: its intents wait for the root commit
+    if transaction not in batch.rolled_back_savepoints:
+        # Ended with the whole session (close(), remove()) and never rolled
+        # back on its own: the root's end discards its intents with the rest,
+        # under that ending's reason.
+        return
+    batch.rolled_back_savepoints.discard(transaction)
     dropped = batch.intents[mark:]
     if dropped:
         del batch.intents[mark:]
         batch.discarded.extend(dropped)
+        owners = batch.owners
+        while owners and owners[-1][1] >= mark:
+            owners.pop()
         if batch.app is not None:
             send_isolated(
                 signals.batch_discarded,

@@ -550,3 +550,287 @@ def test_a_session_joined_to_an_outer_test_transaction_dispatches_on_commit(
         outer.rollback()
         connection.close()
         engine.dispose()
+
+
+# App contexts own what they queue
+
+
+def test_a_nested_app_context_keeps_the_outer_contexts_intents(probe_app, discards):
+    app, session, probe = probe_app
+    with app.app_context():
+        enqueue("probe", "outer")
+        with app.app_context():
+            pass
+        assert discards == []
+        session.commit()
+    assert probe.seen == [("probe_app", ["outer"])]
+
+
+def test_a_nested_app_context_discards_only_what_it_queued(probe_app, discards):
+    app, session, probe = probe_app
+    with app.app_context():
+        enqueue("probe", "outer")
+        with app.app_context():
+            enqueue("probe", "inner")
+        assert discards == [("teardown", ["inner"])]
+        enqueue("probe", "outer again")
+        session.commit()
+    assert probe.seen == [("probe_app", ["outer", "outer again"])]
+
+
+def test_a_nested_app_context_that_commits_dispatches_the_whole_transaction(
+    probe_app, discards
+):
+    app, session, probe = probe_app
+    with app.app_context():
+        enqueue("probe", "outer")
+        with app.app_context():
+            enqueue("probe", "inner")
+            session.commit()
+        assert probe.seen == [("probe_app", ["outer", "inner"])]
+    assert discards == []
+
+
+def test_a_savepoint_begun_in_a_nested_context_still_rolls_back_after_it(
+    probe_app, discards
+):
+    app, session, probe = probe_app
+    with app.app_context():
+        enqueue("probe", "outer")
+        with app.app_context():
+            savepoint = session.begin_nested()
+            enqueue("probe", "inner")
+        enqueue("probe", "in the savepoint")
+        savepoint.rollback()
+        session.commit()
+    assert discards == [
+        ("teardown", ["inner"]),
+        ("savepoint rollback", ["in the savepoint"]),
+    ]
+    assert probe.seen == [("probe_app", ["outer"])]
+
+
+@pytest.mark.parametrize("registered", ["before init_app", "after init_app"])
+def test_what_an_apps_own_teardown_commits_is_dispatched(
+    make_app, registered, discards
+):
+    app = make_app(init=False)
+
+    def commit_on_teardown(exc: BaseException | None) -> None:
+        db.session.commit()
+
+    if registered == "before init_app":
+        app.teardown_appcontext(commit_on_teardown)
+    NotifyQueue(app)
+    if registered == "after init_app":
+        app.teardown_appcontext(commit_on_teardown)
+    rec = app.extensions["notifyqueue"].channels["rec"]
+    with app.app_context():
+        add("a")
+    assert rec.sent == ["a"]
+    assert discards == []
+    with app.app_context():
+        assert names() == ["a"]
+
+
+def test_a_thread_local_session_committed_by_teardown_dispatches(
+    database_url, discards
+):
+    engine = sa.create_engine(database_url)
+    session = scoped_session(sessionmaker(bind=engine))
+    app = Flask("commit_at_teardown")
+    app.config["NOTIFYQUEUE_CHANNELS"] = {"rec": REC}
+    app.teardown_appcontext(lambda exc: session.commit())
+    NotifyQueue(app, session=session)
+    rec = app.extensions["notifyqueue"].channels["rec"]
+    try:
+        with app.app_context():
+            enqueue("rec", "committed by teardown")
+        assert rec.sent == ["committed by teardown"]
+        assert discards == []
+    finally:
+        session.remove()
+        engine.dispose()
+
+
+# Session classes related by inheritance
+
+
+class FollowUp(Channel):
+    """Queues a follow-up (without committing) for every intent it is sent."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.sent: list[t.Any] = []
+
+    def send(self, intents: t.Sequence[t.Any]) -> None:
+        for intent in intents:
+            self.sent.append(intent.payload)
+            if not intent.payload.startswith("follow-up"):
+                enqueue(self.name, "follow-up of {p}", p=intent.payload)
+
+
+@pytest.mark.parametrize("first", ["base class", "subclass"])
+def test_listeners_act_once_per_event_whatever_the_class_hierarchy(
+    database_url, first, discards
+):
+    engine = sa.create_engine(database_url)
+    # A class of this test's own: listeners stay on the classes they were put on.
+    app_session = type("AppSession", (sa.orm.Session,), {})
+    on_base = scoped_session(app_session)
+    on_base(bind=engine)
+    # sessionmaker(class_=...) makes a subclass of AppSession.
+    on_sub = scoped_session(sessionmaker(bind=engine, class_=app_session))
+    sessions = {"base class": on_base, "subclass": on_sub}
+    order = [first] + [name for name in sessions if name != first]
+    apps = {}
+    for name in order:
+        app = Flask(f"hierarchy_{name.replace(' ', '_')}")
+        app.config["NOTIFYQUEUE_CHANNELS"] = {
+            "up": {"type": "tests.test_transaction:FollowUp"}
+        }
+        NotifyQueue(app, session=sessions[name])
+        apps[name] = app
+    try:
+        for name, app in apps.items():
+            channel = app.extensions["notifyqueue"].channels["up"]
+            with app.app_context():
+                enqueue("up", name)
+                sessions[name].commit()
+                # The handler's follow-up waits for the next commit.
+                assert discards == []
+                sessions[name].commit()
+            assert channel.sent == [name, f"follow-up of {name}"]
+    finally:
+        for session in sessions.values():
+            session.remove()
+        engine.dispose()
+
+
+# Intents queued while the transaction ends
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["empty batch", "with earlier"])
+@pytest.mark.parametrize("insert", [False, True], ids=["after ours", "before ours"])
+def test_an_intent_queued_by_an_after_commit_listener_joins_that_commit(
+    probe_app, discards, earlier, insert
+):
+    app, session, probe = probe_app
+
+    def queue_from_after_commit(session: sa.orm.Session) -> None:
+        if not session.in_nested_transaction():
+            enqueue("probe", "from after_commit")
+
+    session_class = session.session_factory.class_
+    sa.event.listen(
+        session_class, "after_commit", queue_from_after_commit, insert=insert
+    )
+    try:
+        with app.app_context():
+            if earlier:
+                enqueue("probe", "earlier")
+            session.commit()
+            assert discards == []
+            expected = (
+                ["earlier", "from after_commit"] if earlier else ["from after_commit"]
+            )
+            assert probe.seen == [("probe_app", expected)]
+    finally:
+        sa.event.remove(session_class, "after_commit", queue_from_after_commit)
+
+
+# Sessions without autobegin
+
+
+@pytest.fixture
+def no_autobegin(database_url: str) -> t.Iterator[tuple[Flask, t.Any, t.Any]]:
+    engine = sa.create_engine(database_url)
+    session = scoped_session(sessionmaker(bind=engine, autobegin=False))
+    app = Flask("no_autobegin")
+    app.config["NOTIFYQUEUE_CHANNELS"] = {"rec": REC}
+    NotifyQueue(app, session=session)
+    yield app, session, app.extensions["notifyqueue"].channels["rec"]
+    session.remove()
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("end", "reason"),
+    [
+        ("close", "close"),
+        ("rollback", "rollback"),
+        ("reset", "close"),
+        ("remove", "close"),
+    ],
+)
+def test_without_autobegin_ending_the_session_discards_waiting_intents(
+    no_autobegin, discards, end, reason
+):
+    app, session, rec = no_autobegin
+    with app.app_context():
+        enqueue("rec", "abandoned")
+        assert not session().in_transaction()
+        getattr(session, end)()
+        assert discards == [(reason, ["abandoned"])]
+        session.begin()
+        enqueue("rec", "next")
+        session.commit()
+    assert rec.sent == ["next"]
+    assert discards == [(reason, ["abandoned"])]
+
+
+def test_without_autobegin_finalise_false_discards_waiting_intents_once(
+    no_autobegin, discards
+):
+    app, session, rec = no_autobegin
+    with app.app_context():
+        enqueue("rec", "abandoned")
+        result = finalise(commit=False)
+        assert [intent.payload for intent in result.discarded] == ["abandoned"]
+        assert discards == [("rollback", ["abandoned"])]
+        session.begin()
+        session.commit()
+    assert rec.sent == []
+
+
+def test_without_autobegin_waiting_intents_leave_the_sessions_methods_alone(
+    no_autobegin,
+):
+    app, session, rec = no_autobegin
+    with app.app_context():
+        enqueue("rec", "waits")
+        session.begin()
+        # Once the batch has joined a transaction, nothing of ours stays on the
+        # session: its methods are its class's again.
+        assert not {"close", "rollback", "reset", "invalidate"} & set(vars(session()))
+        session.commit()
+    assert rec.sent == ["waits"]
+
+
+# One ending, one batch_discarded
+
+
+@pytest.mark.parametrize("end", ["close", "remove"])
+def test_closing_with_a_savepoint_open_discards_everything_as_close(
+    app, rec, ctx, discards, end
+):
+    add("a")
+    db.session.begin_nested()
+    add("b")
+    db.session.begin_nested()
+    add("c")
+    getattr(db.session, end)()
+    assert discards == [("close", ["a", "b", "c"])]
+    db.session.commit()
+    assert rec.sent == []
+
+
+def test_teardown_with_a_savepoint_open_discards_everything_as_teardown(
+    app, rec, discards
+):
+    with app.app_context():
+        add("a")
+        db.session.begin_nested()
+        add("b")
+    assert discards == [("teardown", ["a", "b"])]
+    assert rec.sent == []
