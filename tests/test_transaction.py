@@ -834,3 +834,15 @@ def test_teardown_with_a_savepoint_open_discards_everything_as_teardown(
         add("b")
     assert discards == [("teardown", ["a", "b"])]
     assert rec.sent == []
+
+
+def test_rollback_with_a_savepoint_open_rolls_the_savepoint_back_first(
+    app, rec, ctx, discards
+):
+    add("a")
+    db.session.begin_nested()
+    add("b")
+    db.session.rollback()
+    assert discards == [("savepoint rollback", ["b"]), ("rollback", ["a"])]
+    db.session.commit()
+    assert rec.sent == []
