@@ -691,6 +691,15 @@ def test_listeners_act_once_per_event_whatever_the_class_hierarchy(
         }
         NotifyQueue(app, session=sessions[name])
         apps[name] = app
+    # And a subclass made after both were watched.
+    sessions["late subclass"] = scoped_session(
+        sessionmaker(bind=engine, class_=app_session)
+    )
+    apps["late subclass"] = Flask("hierarchy_late")
+    apps["late subclass"].config["NOTIFYQUEUE_CHANNELS"] = {
+        "up": {"type": "tests.test_transaction:FollowUp"}
+    }
+    NotifyQueue(apps["late subclass"], session=sessions["late subclass"])
     try:
         for name, app in apps.items():
             channel = app.extensions["notifyqueue"].channels["up"]
