@@ -181,8 +181,9 @@ def compile_templates(value: t.Any, where: str) -> t.Any:
     """Compile a channel template given to a decorator.
 
     A ``str`` becomes a :class:`Template`. A dict (the mail channel's shape)
-    gets each ``str`` value compiled; list values (such as ``recipients``)
-    must hold only strings and are kept as plain lists.
+    gets each ``str`` value compiled, and each entry of a list value (such as
+    ``recipients``): a list must hold only strings, and becomes a list of
+    templates.
 
     :param where: names the template in error messages.
     """
@@ -198,7 +199,10 @@ def compile_templates(value: t.Any, where: str) -> t.Any:
             elif isinstance(item, (list, tuple)) and all(
                 isinstance(entry, str) for entry in item
             ):
-                compiled[key] = list(item)
+                compiled[key] = [
+                    _compile_in(entry, f"{where}[{key!r}][{number}]")
+                    for number, entry in enumerate(item)
+                ]
             else:
                 raise TemplateError(
                     f"{where}[{key!r}] must be a str template or a list of strings,"
@@ -216,9 +220,13 @@ def template_fields(value: t.Any) -> frozenset[str]:
     if isinstance(value, Template):
         return value.fields
     if isinstance(value, dict):
-        return frozenset().union(
-            *(item.fields for item in value.values() if isinstance(item, Template))
-        )
+        fields: set[str] = set()
+        for item in value.values():
+            if isinstance(item, Template):
+                fields |= item.fields
+            elif isinstance(item, list):
+                fields.update(*(entry.fields for entry in item))
+        return frozenset(fields)
     return frozenset()
 
 

@@ -359,7 +359,7 @@ def test_compile_templates_compiles_the_str_values_of_a_dict() -> None:
 
 
 @pytest.mark.parametrize("recipients", [["a@example.com"], ("a@example.com",)])
-def test_compile_templates_keeps_a_list_of_strings_as_a_list(
+def test_compile_templates_compiles_each_entry_of_a_list_into_a_list(
     recipients: t.Any,
 ) -> None:
     compiled = compile_templates(
@@ -368,7 +368,39 @@ def test_compile_templates_keeps_a_list_of_strings_as_a_list(
 
     assert type(compiled["recipients"]) is list
     assert compiled["recipients"] == ["a@example.com"]
-    assert not isinstance(compiled["recipients"][0], Template)
+    assert isinstance(compiled["recipients"][0], Template)
+
+
+def test_template_fields_count_the_fields_of_list_entries() -> None:
+    compiled = compile_templates(
+        {
+            "subject": "Welcome {user.name}",
+            "body": "b",
+            "recipients": ["{email}", "{manager.email}", "ops@example.com"],
+        },
+        "mail=",
+    )
+
+    assert [entry.fields for entry in compiled["recipients"]] == [
+        frozenset({"email"}),
+        frozenset({"manager"}),
+        frozenset(),
+    ]
+    assert template_fields(compiled) == frozenset({"user", "email", "manager"})
+
+
+def test_compile_templates_checks_list_entries_naming_the_entry() -> None:
+    with pytest.raises(
+        TemplateError, match=r"^mail=\['recipients'\]\[1\]: .*syntax error"
+    ):
+        compile_templates(
+            {"subject": "s", "body": "b", "recipients": ["a@example.com", "{email"]},
+            "mail=",
+        )
+    with pytest.raises(TemplateError, match=r"mail=\['recipients'\]\[0\]: .*'_'"):
+        compile_templates(
+            {"subject": "s", "body": "b", "recipients": ["{user._email}"]}, "mail="
+        )
 
 
 @pytest.mark.parametrize("value", [5, None, ["ok", 5], {"nested": "dict"}])
