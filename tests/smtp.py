@@ -13,9 +13,12 @@ from email import message_from_bytes, policy
 class SMTPServer:
     """A real SMTP server (aiosmtpd) on a free loopback port.
 
-    ``messages`` holds each message received, parsed; ``envelopes`` the
-    recipients each was accepted for; ``connections`` counts SMTP sessions;
-    addresses in ``refuse`` are answered 550.
+    ``messages`` holds each message received, parsed; ``raw`` the same as the
+    bytes that arrived; ``envelopes`` the recipients each was accepted for;
+    ``mail_options`` the MAIL FROM parameters each came with (``SMTPUTF8``...);
+    ``connections`` counts SMTP sessions; addresses in ``refuse`` are
+    answered 550. aiosmtpd's ``Controller`` offers SMTPUTF8 unless started
+    with ``enable_SMTPUTF8=False``.
 
     ``faults`` injects a failure at the Nth MAIL command the server receives
     (counted from 1 in ``mail_commands``, across connections):
@@ -29,7 +32,9 @@ class SMTPServer:
     host: str
     port: int
     messages: list[t.Any] = field(default_factory=list)
+    raw: list[bytes] = field(default_factory=list)
     envelopes: list[list[str]] = field(default_factory=list)
+    mail_options: list[list[str]] = field(default_factory=list)
     refuse: set[str] = field(default_factory=set)
     connections: int = 0
     faults: dict[int, str] = field(default_factory=dict)
@@ -89,6 +94,8 @@ class _Handler:
 
     async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
         self.server.envelopes.append(list(envelope.rcpt_tos))
+        self.server.mail_options.append(list(envelope.mail_options))
+        self.server.raw.append(bytes(envelope.content))
         self.server.messages.append(
             message_from_bytes(envelope.content, policy=policy.default)
         )

@@ -1,15 +1,23 @@
 from __future__ import annotations
 
+import email
+import email.header
+import email.policy
+import email.utils
+import json
 import logging
+import re
 import socket
 import sys
 import threading
 import time
 import typing as t
+import unicodedata
 
 import pytest
 import sqlalchemy as sa
 from flask import Flask
+from flask_mail import Mail, email_dispatched
 from sqlalchemy.orm import scoped_session, sessionmaker
 
 from notifyqueue import (
@@ -819,3 +827,568 @@ def test_flask_mail_not_installed_fails_at_init_app_naming_the_extra(
     assert "NOTIFYQUEUE_CHANNELS['mail']['type']" in message
     assert "pip install 'notifyqueue[mail]'" in message
     assert "notifyqueue" not in app.extensions
+
+
+# -- every line break and control character in headers ----------------------
+
+
+def _refused_in_headers() -> list[str]:
+    """Every character a header value may not hold, found from first principles.
+
+    Whatever ``str.splitlines()`` splits on (the email package folds headers
+    with it), every control character but TAB (C0, DEL and C1), and lone
+    surrogates, which cannot be encoded.
+    """
+    refused = [
+        chr(code)
+        for code in range(0x110000)
+        if (code != 0x09 and unicodedata.category(chr(code)) == "Cc")
+        or len(f"a{chr(code)}b".splitlines()) > 1
+    ]
+    return refused + ["\ud800", "\udbff", "\udc00", "\udfff"]
+
+
+REFUSED_IN_HEADERS = _refused_in_headers()
+INJECTION = "Reply-To: attacker@evil.example"
+
+
+def _light_app(server: SMTPServer | None = None, **config: t.Any) -> Flask:
+    """An app with Flask-Mail and NotifyQueue on a session bound to no database.
+
+    Nothing here needs SQL, and the tests that use it are parametrised over
+    dozens of characters: building a database per test would be most of the
+    run.
+    """
+    app = Flask("light_mail_app")
+    app.config.update(
+        TESTING=True,
+        MAIL_DEFAULT_SENDER="notify@example.com",
+        NOTIFYQUEUE_CHANNELS=_channels(),
+        **(server.config() if server is not None else {}),
+    )
+    app.config.update(config)
+    Mail(app)
+    NotifyQueue(app, session=scoped_session(sessionmaker()))
+    return app
+
+
+def _char_id(char: str) -> str:
+    return f"U+{ord(char):04X}"
+
+
+def test_the_refused_characters_include_every_line_break_of_the_issue() -> None:
+    for char in "\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\x00\x7f\x9f\ud800":
+        assert char in REFUSED_IN_HEADERS
+    assert "\t" not in REFUSED_IN_HEADERS
+
+
+@pytest.mark.parametrize("char", REFUSED_IN_HEADERS, ids=_char_id)
+@pytest.mark.parametrize(
+    ("field", "template", "what"),
+    [
+        pytest.param(
+            "subject",
+            {"subject": "Renamed to {value}", "body": "ok"},
+            "the subject",
+            id="subject",
+        ),
+        pytest.param(
+            "recipients",
+            {"subject": "s", "body": "ok", "recipients": ["{value}"]},
+            "entry 1 of the template's 'recipients'",
+            id="recipient",
+        ),
+    ],
+)
+def test_header_character_that_could_break_a_line_is_refused_at_queue_time(
+    smtp_server: SMTPServer,
+    field: str,
+    template: dict[str, t.Any],
+    what: str,
+    char: str,
+) -> None:
+    app = _light_app(smtp_server)
+    value = (
+        f"kermit{char}{INJECTION}"
+        if field == "subject"
+        else f"kermit@example.com{char}{INJECTION}"
+    )
+    with app.app_context():
+        with pytest.raises(
+            PayloadError, match=rf"^{re.escape(what)} .*{re.escape(_char_id(char))}"
+        ):
+            enqueue("mail", template, value=value)
+        fine = enqueue("mail", TEMPLATE, name="fine")
+        result = finalise()
+
+    # Nothing of the refused value reached the server; the next intent did.
+    assert result.dispatched == [fine]
+    [message] = smtp_server.messages
+    assert "Reply-To" not in message
+    assert b"attacker" not in smtp_server.raw[0]
+    assert smtp_server.envelopes == [RECIPIENTS]
+
+
+def test_vertical_tab_in_a_decorated_subject_is_refused_when_the_function_returns(
+    smtp_server: SMTPServer,
+) -> None:
+    # The issue's own example: before, this delivered a real Reply-To header.
+    app = _light_app(smtp_server)
+
+    @deferred_notify(mail={"subject": "Renamed to {n}", "body": "ok"})
+    def rename(n: str) -> None:
+        pass
+
+    with app.app_context():
+        with pytest.raises(PayloadError, match=r"^the subject .*U\+000B"):
+            rename(f"kermit\x0b{INJECTION}")
+        result = finalise()
+
+    assert result.dispatched == []
+    assert smtp_server.messages == []
+
+
+@pytest.mark.parametrize("char", REFUSED_IN_HEADERS, ids=_char_id)
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(
+            lambda bad: {"NOTIFYQUEUE_CHANNELS": _channels(sender=bad)}, id="sender"
+        ),
+        pytest.param(
+            lambda bad: {"MAIL_DEFAULT_SENDER": bad}, id="MAIL_DEFAULT_SENDER"
+        ),
+        pytest.param(
+            lambda bad: {"NOTIFYQUEUE_CHANNELS": _channels(subject_prefix=bad)},
+            id="subject_prefix",
+        ),
+        pytest.param(
+            lambda bad: {
+                "NOTIFYQUEUE_CHANNELS": _channels(recipients=["ops@example.com", bad])
+            },
+            id="recipients",
+        ),
+    ],
+)
+def test_header_character_that_could_break_a_line_fails_an_option_at_init_app(
+    config: t.Callable[[str], dict[str, t.Any]], char: str
+) -> None:
+    with pytest.raises(
+        ConfigurationError,
+        match=rf"NOTIFYQUEUE_CHANNELS\['mail'\].*{re.escape(_char_id(char))}",
+    ) as excinfo:
+        _light_app(**config(f"shop@example.com{char}{INJECTION}"))
+    assert isinstance(excinfo.value.__cause__, PayloadError)
+
+
+def test_tab_and_non_ascii_in_headers_arrive_intact_and_add_no_header(
+    smtp_server: SMTPServer,
+) -> None:
+    app = _light_app(smtp_server)
+    subject = f"kermit\t{INJECTION} — Grüße\u00a0aus 東京 ✓ \u200b\ufeff"
+    recipient = f"Kermit {INJECTION} Grüße <kermit@example.com>"
+    with app.app_context():
+        intent = enqueue(
+            "mail",
+            {"subject": "{s}", "body": "ok", "recipients": ["{r}"]},
+            s=subject,
+            r=recipient,
+        )
+        result = finalise()
+
+    assert result.dispatched == [intent]
+    [message] = smtp_server.messages
+    assert message["Subject"] == subject
+    [address] = message["To"].addresses
+    assert address.addr_spec == "kermit@example.com"
+    assert address.display_name == f"Kermit {INJECTION} Grüße"
+    assert sorted(message.keys()) == sorted(
+        [
+            "Content-Type",
+            "MIME-Version",
+            "Content-Transfer-Encoding",
+            "Subject",
+            "From",
+            "To",
+            "Date",
+            "Message-ID",
+            "X-Notifyqueue-Intent",
+        ]
+    )
+    assert not any(
+        line.lower().startswith(b"reply-to") for line in smtp_server.raw[0].splitlines()
+    )
+
+
+# -- one unsendable email fails alone ---------------------------------------
+
+
+def _three(middle: dict[str, t.Any], **context: t.Any) -> list[Intent]:
+    return [
+        enqueue("mail", TEMPLATE, name="first"),
+        enqueue("mail", {**TEMPLATE, **middle}, name="second", **context),
+        enqueue("mail", TEMPLATE, name="third"),
+    ]
+
+
+def test_a_lone_surrogate_in_the_body_is_refused_at_queue_time(
+    smtp_server: SMTPServer,
+) -> None:
+    app = _light_app(smtp_server)
+    surrogate = json.loads('"caf\\ud800e"')  # straight from a JSON request body
+    with app.app_context():
+        first = enqueue("mail", TEMPLATE, name="first")
+        with pytest.raises(
+            PayloadError, match=r"^the body contains the lone surrogate U\+D800"
+        ):
+            enqueue("mail", {"subject": "s", "body": "Note: {note}"}, note=surrogate)
+        third = enqueue("mail", TEMPLATE, name="third")
+        result = finalise()
+
+    assert smtp_server.intent_ids() == [first.id, third.id]
+    assert result.dispatched == [first, third]
+    assert result.failed == []
+
+
+def test_non_ascii_local_part_fails_alone_where_the_server_lacks_smtputf8(
+    make_smtp_server: t.Callable[..., SMTPServer],
+) -> None:
+    smtp_server = make_smtp_server(enable_SMTPUTF8=False)
+    app = _light_app(smtp_server)
+    with app.app_context():
+        first, second, third = _three({"recipients": ["jürgen@example.com"]})
+        result = finalise()
+
+    assert smtp_server.intent_ids() == [first.id, third.id]
+    assert result.dispatched == [first, third]
+    [(failed, exc)] = result.failed
+    assert failed is second
+    assert "'jürgen@example.com'" in str(exc)
+    assert "does not offer SMTPUTF8" in str(exc)
+    assert smtp_server.connections == 1
+
+
+def test_non_ascii_local_part_is_delivered_where_the_server_offers_smtputf8(
+    make_smtp_server: t.Callable[..., SMTPServer],
+) -> None:
+    server = make_smtp_server(enable_SMTPUTF8=True)
+    app = _light_app(server)
+    with app.app_context():
+        first, second, third = _three(
+            {"recipients": ["Jürgen Müller <jürgen@bücher.example>"]}
+        )
+        result = finalise()
+
+    assert result.ok
+    assert server.intent_ids() == [first.id, second.id, third.id]
+    # The local part travels as UTF-8 (RFC 6531/6532), the domain as IDNA.
+    assert server.envelopes[1] == ["jürgen@xn--bcher-kva.example"]
+    assert "SMTPUTF8" in server.mail_options[1]
+    assert "SMTPUTF8" not in server.mail_options[0] + server.mail_options[2]
+    assert "<jürgen@xn--bcher-kva.example>".encode() in server.raw[1]
+    # message_from_bytes reads 8-bit headers as surrogates: decode them first.
+    arrived = email.message_from_string(
+        server.raw[1].decode("utf-8"), policy=email.policy.SMTPUTF8
+    )
+    [address] = arrived["To"].addresses
+    assert (address.display_name, address.username, address.domain) == (
+        "Jürgen Müller",
+        "jürgen",
+        "xn--bcher-kva.example",
+    )
+
+
+def test_a_raising_email_dispatched_receiver_fails_no_message(
+    smtp_server: SMTPServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The server accepted the message before the receiver ran: it was
+    # delivered, so it is reported delivered, and the receiver's error logged.
+    app = _light_app(smtp_server)
+    seen: list[str] = []
+    boom = RuntimeError("receiver failed")
+
+    def raising(sender: Flask, message: t.Any) -> None:
+        if message.subject == "Saved second":
+            raise boom
+
+    def recording(sender: Flask, message: t.Any) -> None:
+        seen.append(message.subject)
+
+    with (
+        email_dispatched.connected_to(raising),
+        email_dispatched.connected_to(recording),
+        app.app_context(),
+    ):
+        first, second, third = _three({})
+        result = finalise()
+
+    assert smtp_server.intent_ids() == [first.id, second.id, third.id]
+    assert result.dispatched == [first, second, third]
+    assert result.failed == []
+    assert seen == ["Saved first", "Saved second", "Saved third"]
+    [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.name == "notifyqueue"
+    assert second.id in record.getMessage()
+    assert "email_dispatched" in record.getMessage()
+    assert record.exc_info is not None and record.exc_info[1] is boom
+
+
+def test_a_message_that_cannot_be_built_fails_alone(smtp_server: SMTPServer) -> None:
+    # Queue-time checks keep unbuildable values out; this corrupts a payload
+    # after them to prove that any error building one message fails it alone.
+    app = _light_app(smtp_server)
+    with app.app_context():
+        first, second, third = _three({})
+        second.payload["body"] = "\ud800"
+        result = finalise()
+
+    assert smtp_server.intent_ids() == [first.id, third.id]
+    assert result.dispatched == [first, third]
+    [(failed, exc)] = result.failed
+    assert failed is second
+    assert isinstance(exc, UnicodeEncodeError)
+    assert smtp_server.connections == 1
+
+
+# -- long body lines --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param("x" * 2000, id="2000-ascii"),
+        pytest.param("ü" * 600, id="600-umlauts"),
+        pytest.param("x" * 999, id="999-octets"),
+        pytest.param("€" * 333 + "x", id="1000-octets-in-334-chars"),
+        pytest.param(
+            "short\r\n"
+            + "long "
+            + "y" * 1200
+            + "  \n"
+            + "trailing spaces and a tab \t\r\n"
+            + ".a line starting with a dot\n"
+            + "From the start\n"
+            + "=3D and = signs, \x0c form feed, \x85 NEL, \u2028 LS, \x0b VT\r\n"
+            + "ü" * 700
+            + "\n\n"
+            + "last line without a break",
+            id="mixed",
+        ),
+    ],
+)
+def test_a_body_line_over_998_octets_arrives_whole(
+    smtp_server: SMTPServer, body: str
+) -> None:
+    app = _light_app(smtp_server)
+    with app.app_context():
+        intent = enqueue("mail", {"subject": "s", "body": "{b}"}, b=body)
+        result = finalise()
+
+    assert result.dispatched == [intent]
+    [message] = smtp_server.messages
+    assert message["Content-Transfer-Encoding"] == "quoted-printable"
+    # Every character arrives; line breaks arrive as CRLF, text's canonical
+    # form (RFC 2046), and SMTP's DATA ends the last line.
+    expected = re.sub(r"\r\n|\r|\n", "\r\n", body) + "\r\n"
+    assert message.get_payload(decode=True).decode("utf-8") == expected
+    assert max(len(line) for line in smtp_server.raw[0].split(b"\r\n")) <= 998
+
+
+@pytest.mark.parametrize(
+    ("body", "encoding"),
+    [
+        pytest.param("x" * 998, "7bit", id="998-ascii"),
+        pytest.param("ü" * 499, "8bit", id="998-octets"),
+        pytest.param("Ärger\nzweite Zeile  \n", "8bit", id="short-non-ascii"),
+    ],
+)
+def test_a_body_with_lines_up_to_998_octets_keeps_its_form(
+    smtp_server: SMTPServer, body: str, encoding: str
+) -> None:
+    app = _light_app(smtp_server)
+    with app.app_context():
+        enqueue("mail", {"subject": "s", "body": "{b}"}, b=body)
+        finalise()
+
+    [message] = smtp_server.messages
+    assert message["Content-Transfer-Encoding"] == encoding
+    assert body.replace("\n", "\r\n").encode() in smtp_server.raw[0]
+
+
+# -- recipients in templates ------------------------------------------------
+
+
+def test_template_recipients_are_rendered_from_the_decorated_call(
+    smtp_server: SMTPServer,
+) -> None:
+    app = _light_app(smtp_server)
+
+    @deferred_notify(
+        mail={
+            "subject": "Welcome {email}",
+            "body": "Hello {name}.",
+            "recipients": ["{name} <{email}>", "audit@example.com"],
+        }
+    )
+    def register(name: str, email: str) -> None:
+        pass
+
+    with app.app_context():
+        register("Kermit Frog", "kermit@example.com")
+        result = finalise()
+
+    assert result.ok
+    [message] = smtp_server.messages
+    assert message["Subject"] == "Welcome kermit@example.com"
+    assert smtp_server.envelopes == [["kermit@example.com", "audit@example.com"]]
+    assert [(a.display_name, a.addr_spec) for a in message["To"].addresses] == [
+        ("Kermit Frog", "kermit@example.com"),
+        ("", "audit@example.com"),
+    ]
+
+
+def test_template_recipients_are_rendered_for_enqueue(
+    smtp_server: SMTPServer,
+) -> None:
+    app = _light_app(smtp_server)
+    with app.app_context():
+        intent = enqueue(
+            "mail",
+            {**TEMPLATE, "recipients": ["{user[email]}"]},
+            name="x",
+            user={"email": "piggy@example.com"},
+        )
+        finalise()
+
+    assert intent.payload["recipients"] == ["piggy@example.com"]
+    assert smtp_server.envelopes == [["piggy@example.com"]]
+
+
+def test_template_recipient_naming_no_parameter_fails_at_decoration() -> None:
+    with pytest.raises(TemplateError, match="'email' names no parameter"):
+
+        @deferred_notify(mail={**TEMPLATE, "recipients": ["{email}"]})
+        def register(name: str) -> None:
+            pass
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "kermit",
+        "kermit@",
+        "@example.com",
+        "kermit@@example.com",
+        "kermit@frog@example.com",
+        "kermit@example.com, piggy@example.com",
+        "kermit@example.com piggy@example.com",
+        "Kermit <kermit@example.com> extra",
+        "Kermit <kermit@example.com",
+        "kermit @example.com",
+        "kermit.@example.com",
+        "kermit@example..com",
+        "kermit@xn--ü" + "a" * 64 + ".example",
+        "undisclosed-recipients:;",
+        " ",
+    ],
+)
+def test_template_recipient_that_is_not_an_address_is_refused_at_queue_time(
+    smtp_server: SMTPServer, address: str
+) -> None:
+    app = _light_app(smtp_server)
+    with app.app_context():
+        with pytest.raises(
+            PayloadError,
+            match=rf"^entry 2 of the template's 'recipients' {re.escape(repr(address))}"
+            " is not an email address",
+        ):
+            enqueue(
+                "mail",
+                {**TEMPLATE, "recipients": ["ops@example.com", "{to}"]},
+                name="x",
+                to=address,
+            )
+        result = finalise()
+
+    assert result.dispatched == []
+    assert smtp_server.messages == []
+
+
+def test_an_empty_template_recipients_list_is_refused_at_queue_time(
+    smtp_server: SMTPServer,
+) -> None:
+    app = _light_app(smtp_server)
+    with app.app_context():
+        with pytest.raises(PayloadError, match="must be a non-empty list"):
+            enqueue("mail", {**TEMPLATE, "recipients": []}, name="x")
+
+
+def test_recipients_option_that_is_not_an_address_fails_at_init_app() -> None:
+    with pytest.raises(
+        ConfigurationError,
+        match=r"NOTIFYQUEUE_CHANNELS\['mail'\].*entry 2 of option 'recipients'"
+        r" 'ops' is not an email address",
+    ):
+        _light_app(NOTIFYQUEUE_CHANNELS=_channels(recipients=["a@example.com", "ops"]))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(f"Kermit, {INJECTION}," + " and more" * 10, id="ascii-long"),
+        pytest.param(f"Kermit, {INJECTION}", id="ascii-short"),
+        pytest.param(f"Kermit Grüße, {INJECTION}," + " und so" * 10, id="non-ascii"),
+        pytest.param("Kermit \\ the Frog (green)", id="backslash-and-parens"),
+        pytest.param('"Kermit \\"the\\" Frog"', id="quoted-with-quotes"),
+    ],
+)
+def test_a_display_name_stays_one_name_whatever_it_holds(
+    smtp_server: SMTPServer, name: str
+) -> None:
+    # Python's own refolding of a long address header drops the quotes of a
+    # display name: "Kermit, attacker@..., ..." became extra To addresses.
+    app = _light_app(smtp_server)
+    with app.app_context():
+        enqueue(
+            "mail",
+            {**TEMPLATE, "recipients": ["{name} <kermit@example.com>"]},
+            name=name,
+        )
+        finalise()
+
+    # Read with decode_header: policy.default's parser puts a space between
+    # adjacent encoded words in a display name, which RFC 2047 says to drop.
+    [message] = smtp_server.messages
+    to = email.message_from_bytes(smtp_server.raw[0], policy=email.policy.compat32)
+    addresses = [
+        (str(email.header.make_header(email.header.decode_header(n))), a)
+        for n, a in email.utils.getaddresses([to["To"]])
+    ]
+    unquoted = re.sub(r"\\(.)", r"\1", name[1:-1]) if name[0] == '"' else name
+    assert addresses == [(unquoted, "kermit@example.com")]
+    assert len(message["To"].addresses) == 1
+    assert smtp_server.envelopes == [["kermit@example.com"]]
+    headers = smtp_server.raw[0].split(b"\r\n\r\n")[0]
+    assert max(len(line) for line in headers.split(b"\r\n")) <= 78
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        pytest.param("x" * 2000, id="one-long-word"),
+        pytest.param("word " * 300, id="many-words"),
+        pytest.param("ü" * 700, id="non-ascii"),
+    ],
+)
+def test_a_long_subject_is_folded_and_arrives_whole(
+    smtp_server: SMTPServer, subject: str
+) -> None:
+    app = _light_app(smtp_server)
+    with app.app_context():
+        intent = enqueue("mail", {"subject": "{s}", "body": "b"}, s=subject)
+        result = finalise()
+
+    assert result.dispatched == [intent]
+    [message] = smtp_server.messages
+    assert message["Subject"] == subject
+    assert max(len(line) for line in smtp_server.raw[0].split(b"\r\n")) <= 78

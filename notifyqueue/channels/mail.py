@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import smtplib
 import socket
+import time
 import typing as t
 from collections.abc import Mapping
-from email.utils import formataddr
+from email import charset as _charset
+from email import policy
+from email.header import Header
+from email.headerregistry import Address
+from email.mime.nonmultipart import MIMENonMultipart
+from email.utils import formataddr, formatdate
 
-from flask_mail import Connection, Message
+from flask import current_app
+from flask_mail import Connection, Message, email_dispatched
 
 from ..errors import ConfigurationError, DeliveryError, PayloadError, TemplateError
 from .base import Channel
 
 if t.TYPE_CHECKING:
+    from email.mime.base import MIMEBase
+
     from flask import Flask
 
     from ..intent import Intent
@@ -27,10 +38,12 @@ _TEMPLATE_KEYS = frozenset({"subject", "body", "recipients"})
 class MailChannel(Channel):
     """Send each intent as an email through Flask-Mail.
 
-    A batch shares one SMTP connection with a socket timeout. A refused
-    message fails alone (refused for any one recipient counts as failed); a
-    broken connection fails the message in flight and the next one
-    reconnects; a server that cannot be reached fails the rest.
+    A batch shares one SMTP connection with a socket timeout. Whatever goes
+    wrong with one message fails that message alone: a refused message (refused
+    for any one recipient counts as failed), one that cannot be built, or one
+    whose address needs SMTPUTF8 from a server without it. A broken connection
+    fails the message in flight and the next one reconnects; a server that
+    cannot be reached fails the rest.
     Each message carries an ``X-Notifyqueue-Intent`` header with the intent id.
 
     :param recipients: the default recipients, a non-empty list of addresses.
@@ -56,7 +69,7 @@ class MailChannel(Channel):
         super().__init__(name)
         self.recipients = _checked_recipients(recipients, "option 'recipients'")
         if sender is not None:
-            _check_header("option 'sender'", sender)
+            _check_address("option 'sender'", sender)
         self.sender = sender
         if not isinstance(subject_prefix, str):
             raise ValueError(
@@ -95,7 +108,7 @@ class MailChannel(Channel):
                 "the mail channel has no sender: set its 'sender' option or"
                 " MAIL_DEFAULT_SENDER."
             )
-        _check_header("the sender", sender)
+        _check_address("the sender", sender)
         self._sender = sender
         self._mail = app.extensions["mail"]
         # socket.getfqdn() can be a DNS query, and Flask-Mail's Message()
@@ -104,7 +117,7 @@ class MailChannel(Channel):
         # each message is then a copy of one Message() built here, with its
         # own lists and dicts, and a Message-ID made of its intent id.
         self._domain = socket.getfqdn()
-        prototype = vars(Message(sender=sender))
+        prototype = vars(_Message(sender=sender))
         self._prototype = prototype
         self._containers = tuple(
             key for key, value in prototype.items() if isinstance(value, (list, dict))
@@ -133,25 +146,51 @@ class MailChannel(Channel):
             )
         subject = self.subject_prefix + super().render(template["subject"], context)
         _check_header("the subject", subject)
+        body = super().render(template["body"], context)
+        # isascii() is O(1) in CPython: the common body skips the scan.
+        if not body.isascii():
+            _check_encodable("the body", body)
         if "recipients" in template:
-            recipients = _checked_recipients(
-                template["recipients"], "the template's 'recipients'", PayloadError
-            )
+            recipients = self._render_recipients(template["recipients"], context)
         else:
             recipients = list(self.recipients)
         return {
             "subject": subject,
-            "body": super().render(template["body"], context),
+            "body": body,
             "recipients": recipients,
             "sender": self._sender,
         }
 
+    def _render_recipients(
+        self, templates: t.Any, context: t.Mapping[str, t.Any]
+    ) -> list[str]:
+        """Render each entry of a template's ``recipients`` and check the address."""
+        what = "the template's 'recipients'"
+        if (
+            isinstance(templates, str)
+            or not isinstance(templates, (list, tuple))
+            or not templates
+            or not all(isinstance(item, str) and item for item in templates)
+        ):
+            raise PayloadError(
+                f"{what} must be a non-empty list of addresses, got {templates!r}."
+            )
+        recipients = []
+        for number, entry in enumerate(templates, 1):
+            address = super().render(entry, context)
+            _check_address(f"entry {number} of {what}", address)
+            recipients.append(address)
+        return recipients
+
     def send(self, intents: t.Sequence[Intent]) -> None:
         if self._mail is None:
             raise RuntimeError(f"Channel {self.name!r} was not initialised on an app.")
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        max_emails = self._mail.max_emails
         failures: dict[str, BaseException] = {}
         connection: _Connection | None = None
         unreachable: BaseException | None = None
+        sent = 0
         try:
             for intent in intents:
                 if unreachable is not None:
@@ -165,23 +204,41 @@ class MailChannel(Channel):
                     except OSError as exc:  # smtplib's errors are OSErrors too
                         unreachable = failures[intent.id] = exc
                         continue
+                    sent = 0
                 try:
-                    connection.send(self._message(intent))
+                    self._deliver(app, connection, intent)
                 except (
                     smtplib.SMTPRecipientsRefused,
                     smtplib.SMTPSenderRefused,
                     smtplib.SMTPDataError,
+                    smtplib.SMTPNotSupportedError,
                 ) as exc:
-                    # smtplib reset the transaction and the connection goes on,
-                    # unless the server closed it (a 421 answer): then the next
-                    # message reconnects instead of failing untried.
+                    # smtplib reset the transaction (or never began it) and the
+                    # connection goes on, unless the server closed it (a 421
+                    # answer): then the next message reconnects instead of
+                    # failing untried.
                     failures[intent.id] = exc
                     if connection.host is None or connection.host.sock is None:
                         connection = None
+                    continue
                 except OSError as exc:
                     # Whether this one arrived is unknown; it is not retried
                     # (at most once). The next message opens a new connection.
                     failures[intent.id] = exc
+                    _close(connection)
+                    connection = None
+                    continue
+                except Exception as exc:
+                    # The message could not be built, or smtplib met something
+                    # it does not handle: this message alone fails. It may have
+                    # left an SMTP transaction half open, so reset that.
+                    failures[intent.id] = exc
+                    if not _reset(connection):
+                        connection = None
+                    continue
+                sent += 1
+                if sent == max_emails:
+                    # MAIL_MAX_EMAILS: the next message opens a new connection.
                     _close(connection)
                     connection = None
         finally:
@@ -190,9 +247,50 @@ class MailChannel(Channel):
         if failures:
             raise DeliveryError(failures)
 
-    def _message(self, intent: Intent) -> Message:
+    def _deliver(self, app: Flask, connection: _Connection, intent: Intent) -> None:
+        """Build and send one message, then send Flask-Mail's ``email_dispatched``.
+
+        Flask-Mail's ``Connection.send`` in steps, so that an exception is
+        attributed to the step that raised it.
+        """
+        message = self._message(intent)
+        message.date = time.time()
+        host = connection.host
+        if host is not None:
+            sender = _parsed_address(message.sender)
+            recipients = [_parsed_address(item) for item in message.recipients]
+            utf8 = not sender.username.isascii() or any(
+                not item.username.isascii() for item in recipients
+            )
+            options = []
+            if utf8:
+                host.ehlo_or_helo_if_needed()
+                if not host.has_extn("smtputf8"):
+                    needing = next(
+                        item.addr_spec
+                        for item in (sender, *recipients)
+                        if not item.username.isascii()
+                    )
+                    raise smtplib.SMTPNotSupportedError(
+                        f"The address {needing!r} has a non-ASCII local part,"
+                        " which needs the SMTPUTF8 extension, and the SMTP"
+                        f" server {self._mail.server}:{self._mail.port} does not"
+                        " offer SMTPUTF8; enable it on the server or use an"
+                        " ASCII address."
+                    )
+                options.append("SMTPUTF8")
+            host.sendmail(
+                sender.addr_spec,
+                list(dict.fromkeys(item.addr_spec for item in recipients)),
+                message.as_bytes(),
+                options,
+            )
+        if email_dispatched.receivers:
+            _send_dispatched(app, message, intent)
+
+    def _message(self, intent: Intent) -> _Message:
         payload = intent.payload
-        message = Message.__new__(Message)
+        message = _Message.__new__(_Message)
         fields = vars(message)
         fields.update(self._prototype)
         for key in self._containers:
@@ -204,6 +302,109 @@ class MailChannel(Channel):
         message.extra_headers = {"X-Notifyqueue-Intent": intent.id}
         message.msgId = f"<{intent.id}@{self._domain}>"
         return message
+
+
+def _send_dispatched(app: Flask, message: _Message, intent: Intent) -> None:
+    """Send ``email_dispatched`` so that a receiver that raises stops no other.
+
+    The server has already accepted the message, so it counts as delivered;
+    the receiver's exception is logged, not reported as a failed notification.
+    """
+    for receiver in list(email_dispatched.receivers_for(app)):
+        try:
+            receiver(app, message=message)
+        except Exception:
+            logger.exception(
+                "Receiver %r of Flask-Mail's email_dispatched raised for"
+                " notification %s, which was delivered; the other receivers"
+                " still ran.",
+                receiver,
+                intent.id,
+            )
+
+
+# Bodies keep the form Flask-Mail gives them (its "utf-8" charset: 7bit or
+# 8bit, unwrapped) unless a line is longer than the 998 octets SMTP allows
+# (RFC 5321 4.5.3.1.6); then quoted-printable, which carries every line whole
+# and keeps the text readable.
+_QUOTED_PRINTABLE = _charset.Charset("utf-8")
+_QUOTED_PRINTABLE.body_encoding = _charset.QP
+_PHRASE_SPECIALS = re.compile(r'[][\\()<>@,:;".]')  # as email.utils.formataddr
+_PHRASE_ESCAPES = re.compile(r'[\\"]')
+_LONG_LINE = re.compile(rb"[^\r\n]{999}")
+_UNFOLDED = policy.SMTP.clone(max_line_length=None)
+_UNFOLDED_UTF8 = policy.SMTPUTF8.clone(max_line_length=None)
+
+
+class _Message(Message):
+    """Flask-Mail's message as the mail channel sends it: plain text only.
+
+    Built like Flask-Mail's, ASCII header strings (RFC 2047 for non-ASCII
+    names and subjects) written out by the ``SMTP`` policy, except: headers
+    are folded here and never refolded (see :func:`_header_address`); a
+    message to or from an address with a non-ASCII local part is written as
+    UTF-8 (RFC 6532; it needs SMTPUTF8, and Flask-Mail's ``formataddr``
+    cannot write it at all); and a body with a line over 998 octets is
+    quoted-printable.
+    """
+
+    def _message(self) -> MIMEBase:
+        sender = _parsed_address(self.sender)
+        recipients = [_parsed_address(item) for item in dict.fromkeys(self.recipients)]
+        utf8 = not sender.username.isascii() or any(
+            not item.username.isascii() for item in recipients
+        )
+        mime = MIMENonMultipart("text", "plain", charset="utf-8")
+        body = self.body or ""
+        # A line of 998 octets has at least 250 characters (4 octets at most each).
+        long_lines = len(body) >= 250 and _LONG_LINE.search(body.encode()) is not None
+        mime.set_payload(body, _QUOTED_PRINTABLE if long_lines else "utf-8")
+        if self.subject:
+            mime["Subject"] = _header_subject(self.subject)
+        mime["From"] = _header_address(sender)
+        mime["To"] = ",\n ".join(map(_header_address, recipients))
+        mime["Date"] = formatdate(self.date, localtime=True)
+        mime["Message-ID"] = self.msgId
+        for name, value in (self.extra_headers or {}).items():
+            mime[name] = value
+        mime.policy = _UNFOLDED_UTF8 if utf8 else _UNFOLDED
+        return mime
+
+
+def _header_address(address: Address) -> str:
+    """``address`` for a header, folded by hand, its display name quoted or encoded.
+
+    The email package's own refolding of an address header drops the quotes
+    around a long display name (and decodes an encoded one bare), so a name
+    such as ``"x, a@evil.example, ..."`` turned into recipients of its own.
+    Messages are therefore written with refolding off, and each address sits
+    on lines of its own.
+    """
+    addr = address.addr_spec
+    name = address.display_name
+    if not name:
+        return addr
+    if name.isascii() and len(name) <= 60:
+        if _PHRASE_SPECIALS.search(name):
+            name = '"' + _PHRASE_ESCAPES.sub(r"\\\g<0>", name) + '"'
+        if len(name) + len(addr) <= 72:
+            return f"{name} <{addr}>"
+        return f"{name}\n <{addr}>"
+    # RFC 2047 encoded words, whole: Flask-Mail's sanitize_address leaves the
+    # ASCII words of a non-ASCII name bare, specials and all.
+    return f"{Header(name, 'utf-8', header_name='To').encode()}\n <{addr}>"
+
+
+def _header_subject(subject: str) -> str:
+    """``subject`` folded for a header, as refolding is off (see _header_address)."""
+    if subject.isascii() and len(subject) <= 68:
+        return subject
+    if not subject.isascii():
+        return Header(subject, "utf-8", header_name="Subject").encode()
+    # The unstructured folder is safe (it has no quoting to lose).
+    header = policy.SMTP.header_factory("Subject", subject)
+    folded = str(header.fold(policy=policy.SMTP))
+    return folded.removeprefix("Subject: ").removesuffix("\r\n").replace("\r\n", "\n")
 
 
 class _RefusalsRaise:
@@ -275,25 +476,133 @@ def _close(connection: _Connection) -> None:
         host.close()
 
 
+def _reset(connection: _Connection) -> bool:
+    """RSET the connection; close it and return False if that fails."""
+    host = connection.host
+    if host is None:
+        return True
+    try:
+        code, _ = host.rset()
+    except OSError as exc:
+        logger.debug("SMTP RSET failed: %r", exc)
+        host.close()
+        return False
+    if code != 250:
+        _close(connection)
+        return False
+    return True
+
+
+# What a header value may not hold: every C0 control but TAB, DEL, every C1
+# control (U+0085 among them), U+2028 and U+2029. That is everything
+# str.splitlines() splits on, which is what the email package folds headers
+# with, so a value holding one would become several header lines. Surrogates
+# (U+D800-U+DFFF) cannot be encoded at all.
+_HEADER_REFUSED = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _check_header(what: str, value: str) -> None:
-    if "\r" in value or "\n" in value:
+    # isprintable() is a fast C loop and False for every refused character;
+    # only values it cannot vouch for (TAB, non-ASCII spaces) pay for the regex.
+    if value.isprintable():
+        return
+    found = _HEADER_REFUSED.search(value)
+    if found is None:
+        return
+    char = found.group()
+    if _SURROGATE.match(char):
         raise PayloadError(
-            f"{what} {value!r} contains CR or LF, which could inject mail headers;"
-            " remove the line break."
+            f"{what} {value!r} contains the lone surrogate U+{ord(char):04X}"
+            f" (at index {found.start()}), which cannot be encoded in a mail;"
+            " decode the text it came from properly, or remove it."
+        )
+    raise PayloadError(
+        f"{what} {value!r} contains U+{ord(char):04X} (at index {found.start()}):"
+        " line breaks (CR or LF, and also VT, FF, U+001C-U+001E, U+0085, U+2028,"
+        " U+2029) and other control characters could inject mail headers, and"
+        " are refused in every header; remove it."
+    )
+
+
+def _check_encodable(what: str, value: str) -> None:
+    found = _SURROGATE.search(value)
+    if found is not None:
+        raise PayloadError(
+            f"{what} contains the lone surrogate U+{ord(found.group()):04X}"
+            f" (at index {found.start()}, in {_around(value, found.start())!r}),"
+            " which cannot be encoded in a mail, so it could never be sent;"
+            " decode the text it came from properly (json.loads turns"
+            ' "\\ud800" into one), or remove it.'
         )
 
 
-def _checked_recipients(
-    value: t.Any, what: str, error: type[ValueError] = ValueError
-) -> list[str]:
+def _around(text: str, index: int) -> str:
+    """Up to 40 characters of ``text`` around ``index``, for an error message."""
+    return text[max(index - 20, 0) : index + 20]
+
+
+# An address is "addr-spec" or "Name <addr-spec>" (the name bare or quoted);
+# addr-spec is a dot-atom local part, "@", and a dot-atom domain. Non-ASCII
+# is allowed in both: a local part then needs SMTPUTF8, a domain IDNA.
+_ATOM = r"""[^\s"(),.:;<>@\[\\\]]+"""
+_DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
+_ADDR_SPEC = rf"(?P<local{{0}}>{_DOT_ATOM})@(?P<domain{{0}}>{_DOT_ATOM})"
+_ADDRESS = re.compile(
+    rf"""(?:{_ADDR_SPEC.format(1)}|(?P<name>[^<>"]*|"(?:[^"\\]|\\.)*")\s*<{_ADDR_SPEC.format(2)}>)\Z"""
+)
+_QUOTED_PAIR = re.compile(r"\\(.)")
+
+
+@functools.lru_cache(maxsize=1024)
+def _address(value: str) -> Address | None:
+    """``value`` as an Address with an ASCII (IDNA) domain, or None if it is none."""
+    found = _ADDRESS.match(value)
+    if found is None:
+        return None
+    name = found["name"] or ""
+    if name.startswith('"'):
+        name = _QUOTED_PAIR.sub(r"\1", name[1:-1])
+    local = found["local1"] or found["local2"]
+    domain = found["domain1"] or found["domain2"]
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    return Address(display_name=name.strip(), username=local, domain=domain)
+
+
+def _parsed_address(value: str | tuple[str, str]) -> Address:
+    if isinstance(value, tuple):  # Flask-Mail also takes (name, address)
+        value = f"{value[0]} <{value[1]}>"
+    address = _address(value)
+    if address is None:  # every address was checked when the intent was queued
+        raise PayloadError(f"{value!r} is not an email address.")
+    return address
+
+
+def _check_address(what: str, value: str) -> None:
+    _check_header(what, value)
+    if _address(value) is None:
+        raise PayloadError(
+            f"{what} {value!r} is not an email address the mail channel can send"
+            " to: write it as 'user@example.com' or 'Name <user@example.com>'"
+            " (one address, a dot-atom local part, and a domain whose non-ASCII"
+            " labels are valid IDNA)."
+        )
+
+
+def _checked_recipients(value: t.Any, what: str) -> list[str]:
     if (
         isinstance(value, str)
         or not isinstance(value, (list, tuple))
         or not value
         or not all(isinstance(item, str) and item for item in value)
     ):
-        raise error(f"{what} must be a non-empty list of addresses, got {value!r}.")
-    for item in value:
-        if "\r" in item or "\n" in item:
-            raise error(f"{what}: address {item!r} contains CR or LF.")
+        raise ValueError(
+            f"{what} must be a non-empty list of addresses, got {value!r}."
+        )
+    for number, item in enumerate(value, 1):
+        _check_address(f"entry {number} of {what}", item)
     return list(value)
