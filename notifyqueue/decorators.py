@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import inspect
+import types
 import typing as t
 
 from .errors import (
@@ -49,6 +51,9 @@ class DeferredFunction(t.Protocol[P, R_co]):
 
 
 _MISSING: t.Any = object()
+
+# What a call of an asynchronous callable returns: its body has not run yet.
+_ASYNC_RESULTS = (collections.abc.Awaitable, collections.abc.AsyncIterator)
 
 # How a template field gets its value from a call (see _Plan).
 _POSITIONAL, _POSITIONAL_ONLY, _KEYWORD = range(3)
@@ -165,7 +170,10 @@ def deferred_notify(
     :raises TemplateError: at decoration, for a malformed template or a field
         that names no parameter.
     :raises ConfigurationError: at decoration, for a function with its own
-        ``notify`` or ``result`` parameter.
+        ``notify`` or ``result`` parameter, or an asynchronous callable (a
+        coroutine or async generator function, or a partial, method or
+        instance whose call is one); at call time, before anything is queued,
+        for a call that returns an awaitable or an async iterator.
     """
     if not templates:
         raise ConfigurationError(
@@ -185,11 +193,8 @@ def deferred_notify(
     every = tuple(compiled.items())
 
     def decorate(fn: t.Callable[P, R]) -> DeferredFunction[P, R]:
-        if inspect.iscoroutinefunction(fn):
-            raise ConfigurationError(
-                f"@deferred_notify cannot wrap the coroutine function"
-                f" {_qualified_name(fn)}(); wrap a plain function."
-            )
+        if _is_async_callable(fn):
+            raise ConfigurationError(_async_refusal(_qualified_name(fn)))
         plan = _Plan(fn, fields)
         source = plan.name
 
@@ -202,7 +207,10 @@ def deferred_notify(
                 else _select(compiled, notify, source)
             )
             if not selected:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+                if result is not None and _is_async_result(result):
+                    _refuse_async_result(result, source)
+                return result
             app, state = get_state()
             for name, _ in selected:
                 if name not in state.channels:
@@ -213,6 +221,9 @@ def deferred_notify(
                         " NOTIFYQUEUE_CHANNELS or leave it out with notify=[...]."
                     )
             result = fn(*args, **kwargs)
+            # Most functions return None; a cheap guard keeps this off their path.
+            if result is not None and _is_async_result(result):
+                _refuse_async_result(result, source)
             queue_rendered(
                 app, state, selected, plan.context(args, kwargs, result), source
             )
@@ -222,6 +233,62 @@ def deferred_notify(
         return t.cast(DeferredFunction[P, R], wrapper)
 
     return decorate
+
+
+def _is_async_callable(fn: object) -> bool:
+    """Whether calling ``fn`` returns a coroutine or an async iterator unrun.
+
+    Sees through ``functools.partial``, bound methods, ``staticmethod`` and a
+    callable instance's ``__call__``; ``inspect.iscoroutinefunction`` also
+    honours ``inspect.markcoroutinefunction`` (Python 3.12+). ``__wrapped__``
+    is not followed: a synchronous wrapper may run what it wraps to the end.
+    """
+    target: t.Any = fn
+    # A class whose __call__ is one of its own instances would loop forever.
+    seen: set[int] = set()
+    while id(target) not in seen:
+        seen.add(id(target))
+        if isinstance(target, functools.partial):
+            target = target.func
+        elif inspect.ismethod(target) or isinstance(target, staticmethod):
+            target = target.__func__
+        elif inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
+            return True
+        elif isinstance(target, type) or inspect.isroutine(target):
+            return False
+        elif callable(target):
+            target = type(target).__call__
+        else:
+            return False
+    return False
+
+
+def _is_async_result(result: object) -> bool:
+    """Whether ``result`` is an awaitable or an async iterator.
+
+    Generator-based coroutines (``types.coroutine``) are awaitable without
+    ``__await__``, so generators are asked ``inspect.isawaitable`` too.
+    """
+    return isinstance(result, _ASYNC_RESULTS) or (
+        isinstance(result, types.GeneratorType) and inspect.isawaitable(result)
+    )
+
+
+def _async_refusal(name: str, returned: str = "") -> str:
+    """The message refusing the asynchronous callable ``name``."""
+    return (
+        f"@deferred_notify cannot wrap {name}(), a coroutine function or other"
+        f" asynchronous callable{returned}; wrap a plain function."
+    )
+
+
+def _refuse_async_result(result: object, source: str) -> t.NoReturn:
+    """Refuse a call that returned ``result`` unrun, before anything is queued."""
+    # The caller never sees this coroutine; closing it stops Python warning
+    # that it was never awaited.
+    if isinstance(result, (types.CoroutineType, types.GeneratorType)):
+        result.close()
+    raise ConfigurationError(_async_refusal(source, f" (it returned {result!r})"))
 
 
 def _qualified_name(fn: t.Callable[..., t.Any]) -> str:

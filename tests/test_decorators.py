@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import re
 import typing as t
 
 import pytest
@@ -9,6 +11,7 @@ from flask import Flask
 
 from notifyqueue import (
     ChannelNotFound,
+    ConfigurationError,
     Intent,
     LifecycleError,
     NotifyQueueError,
@@ -18,6 +21,7 @@ from notifyqueue import (
     finalise,
     signals,
 )
+from notifyqueue.testing import capture
 
 from .helpers import RecordingChannel
 
@@ -546,6 +550,186 @@ def test_async_function_is_refused() -> None:
         @deferred_notify(rec="{froggy.id}")
         async def jump(froggy: Froggy) -> None:
             pass
+
+
+async def _coroutine_jump(froggy: Froggy) -> None:
+    pass
+
+
+async def _async_generator_jump(froggy: Froggy) -> t.AsyncIterator[int]:
+    yield froggy.id
+
+
+class _CoroutineJumper:
+    async def __call__(self, froggy: Froggy) -> None:
+        pass
+
+
+class _AsyncGeneratorJumper:
+    async def __call__(self, froggy: Froggy) -> t.AsyncIterator[int]:
+        yield froggy.id
+
+
+class _AsyncPond:
+    async def jump(self, froggy: Froggy) -> None:
+        pass
+
+    async def jumps(self, froggy: Froggy) -> t.AsyncIterator[int]:
+        yield froggy.id
+
+
+def _marked_jump(froggy: Froggy) -> None:
+    pass
+
+
+if hasattr(inspect, "markcoroutinefunction"):  # Python 3.12+
+    inspect.markcoroutinefunction(_marked_jump)
+
+
+@pytest.mark.parametrize(
+    ("fn", "name"),
+    [
+        pytest.param(
+            _async_generator_jump,
+            "_async_generator_jump",
+            id="async-generator-function",
+        ),
+        pytest.param(
+            _CoroutineJumper(), "_CoroutineJumper", id="instance-with-async-call"
+        ),
+        pytest.param(
+            _AsyncGeneratorJumper(),
+            "_AsyncGeneratorJumper",
+            id="instance-with-async-generator-call",
+        ),
+        pytest.param(
+            functools.partial(_coroutine_jump),
+            "_coroutine_jump",
+            id="partial-of-coroutine-function",
+        ),
+        pytest.param(
+            functools.partial(functools.partial(_async_generator_jump)),
+            "_async_generator_jump",
+            id="partial-of-partial-of-async-generator-function",
+        ),
+        pytest.param(
+            functools.partial(_CoroutineJumper()),
+            "_CoroutineJumper",
+            id="partial-of-instance-with-async-call",
+        ),
+        pytest.param(_AsyncPond().jump, "_AsyncPond.jump", id="bound-coroutine-method"),
+        pytest.param(
+            _AsyncPond().jumps, "_AsyncPond.jumps", id="bound-async-generator-method"
+        ),
+        pytest.param(
+            staticmethod(_async_generator_jump),
+            "_async_generator_jump",
+            id="staticmethod-of-async-generator-function",
+        ),
+        pytest.param(
+            _marked_jump,
+            "_marked_jump",
+            id="markcoroutinefunction",
+            marks=pytest.mark.skipif(
+                not hasattr(inspect, "markcoroutinefunction"),
+                reason="inspect.markcoroutinefunction is new in Python 3.12",
+            ),
+        ),
+    ],
+)
+def test_every_asynchronous_callable_is_refused_at_decoration(
+    fn: t.Any, name: str
+) -> None:
+    with pytest.raises(
+        ConfigurationError,
+        match=rf"cannot wrap {re.escape(f'{__name__}.{name}')}\(\), a coroutine"
+        r" function or other asynchronous callable; wrap a plain function\.",
+    ):
+        deferred_notify(rec="{froggy.id}")(fn)
+
+
+class _Awaitable:
+    def __await__(self) -> t.Generator[None, None, None]:
+        yield
+
+
+class _AsyncIterator:
+    def __aiter__(self) -> _AsyncIterator:
+        return self
+
+    async def __anext__(self) -> int:
+        raise StopAsyncIteration
+
+
+def _returns_coroutine(froggy: Froggy) -> t.Any:
+    return _coroutine_jump(froggy)
+
+
+def _returns_async_generator(froggy: Froggy) -> t.Any:
+    return _async_generator_jump(froggy)
+
+
+def _returns_awaitable(froggy: Froggy) -> t.Any:
+    return _Awaitable()
+
+
+def _returns_async_iterator(froggy: Froggy) -> t.Any:
+    return _AsyncIterator()
+
+
+_ASYNC_RESULTS = pytest.mark.parametrize(
+    "fn",
+    [
+        pytest.param(_returns_coroutine, id="coroutine"),
+        pytest.param(_returns_async_generator, id="async-generator"),
+        pytest.param(_returns_awaitable, id="awaitable"),
+        pytest.param(_returns_async_iterator, id="async-iterator"),
+    ],
+)
+
+
+@_ASYNC_RESULTS
+def test_call_returning_an_awaitable_or_async_iterator_queues_nothing(
+    ctx: None, queued: list[Intent], rec: RecordingChannel, fn: t.Any
+) -> None:
+    jump = deferred_notify(rec="{froggy.id}", log="{froggy.id}")(fn)
+
+    with capture() as dispatched:
+        with pytest.raises(
+            ConfigurationError, match=r"coroutine function.*\(it returned <"
+        ) as info:
+            jump(Froggy(3))
+        result = finalise()
+
+    assert fn.__name__ in str(info.value)
+    assert queued == []
+    assert dispatched == []
+    assert result.dispatched == []
+    assert rec.batches == []
+
+
+@_ASYNC_RESULTS
+def test_call_returning_an_awaitable_or_async_iterator_is_refused_with_notify_false(
+    app: Flask, fn: t.Any
+) -> None:
+    jump = deferred_notify(rec="{froggy.id}")(fn)
+
+    with pytest.raises(ConfigurationError, match="coroutine function"):
+        jump(Froggy(3), notify=False)
+
+
+def test_refused_coroutine_is_closed(ctx: None) -> None:
+    returned: list[t.Any] = []
+
+    @deferred_notify(rec="{froggy.id}")
+    def jump(froggy: Froggy) -> t.Any:
+        returned.append(_coroutine_jump(froggy))
+        return returned[0]
+
+    with pytest.raises(ConfigurationError, match="coroutine function"):
+        jump(Froggy(3))
+
+    assert inspect.getcoroutinestate(returned[0]) == inspect.CORO_CLOSED
 
 
 # -- when rendering happens ---------------------------------------------------
