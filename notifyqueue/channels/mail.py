@@ -166,17 +166,8 @@ class MailChannel(Channel):
     ) -> list[str]:
         """Render each entry of a template's ``recipients`` and check the address."""
         what = "the template's 'recipients'"
-        if (
-            isinstance(templates, str)
-            or not isinstance(templates, (list, tuple))
-            or not templates
-            or not all(isinstance(item, str) and item for item in templates)
-        ):
-            raise PayloadError(
-                f"{what} must be a non-empty list of addresses, got {templates!r}."
-            )
         recipients = []
-        for number, entry in enumerate(templates, 1):
+        for number, entry in enumerate(_string_list(templates, what, PayloadError), 1):
             address = super().render(entry, context)
             _check_address(f"entry {number} of {what}", address)
             recipients.append(address)
@@ -593,16 +584,20 @@ def _check_address(what: str, value: str) -> None:
         )
 
 
-def _checked_recipients(value: t.Any, what: str) -> list[str]:
+def _string_list(value: t.Any, what: str, error: type[ValueError]) -> list[str]:
+    """``value`` as a list, if it is a non-empty list of non-empty strings."""
     if (
         isinstance(value, str)
         or not isinstance(value, (list, tuple))
         or not value
         or not all(isinstance(item, str) and item for item in value)
     ):
-        raise ValueError(
-            f"{what} must be a non-empty list of addresses, got {value!r}."
-        )
-    for number, item in enumerate(value, 1):
-        _check_address(f"entry {number} of {what}", item)
+        raise error(f"{what} must be a non-empty list of addresses, got {value!r}.")
     return list(value)
+
+
+def _checked_recipients(value: t.Any, what: str) -> list[str]:
+    recipients = _string_list(value, what, ValueError)
+    for number, item in enumerate(recipients, 1):
+        _check_address(f"entry {number} of {what}", item)
+    return recipients
