@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import smtplib
@@ -12,8 +11,6 @@ import typing as t
 from collections.abc import Mapping
 from email import charset as _charset
 from email import policy
-from email.header import Header
-from email.headerregistry import Address
 from email.mime.nonmultipart import MIMENonMultipart
 from email.utils import formataddr, formatdate
 
@@ -22,6 +19,14 @@ from flask_mail import Connection, Message, email_dispatched
 
 from ..errors import ConfigurationError, DeliveryError, PayloadError, TemplateError
 from .base import Channel
+from .mail_headers import (
+    address_of,
+    check_address,
+    check_encodable,
+    check_header,
+    format_address,
+    format_subject,
+)
 
 if t.TYPE_CHECKING:
     from email.mime.base import MIMEBase
@@ -69,13 +74,13 @@ class MailChannel(Channel):
         super().__init__(name)
         self.recipients = _checked_recipients(recipients, "option 'recipients'")
         if sender is not None:
-            _check_address("option 'sender'", sender)
+            check_address("option 'sender'", sender)
         self.sender = sender
         if not isinstance(subject_prefix, str):
             raise ValueError(
                 f"option 'subject_prefix' must be a str, got {subject_prefix!r}."
             )
-        _check_header("option 'subject_prefix'", subject_prefix)
+        check_header("option 'subject_prefix'", subject_prefix)
         self.subject_prefix = subject_prefix
         if (
             isinstance(timeout, bool)
@@ -108,7 +113,7 @@ class MailChannel(Channel):
                 "the mail channel has no sender: set its 'sender' option or"
                 " MAIL_DEFAULT_SENDER."
             )
-        _check_address("the sender", sender)
+        check_address("the sender", sender)
         self._sender = sender
         self._mail = app.extensions["mail"]
         # socket.getfqdn() can be a DNS query, and Flask-Mail's Message()
@@ -145,11 +150,11 @@ class MailChannel(Channel):
                 f" missing {sorted(missing)}, unknown {sorted(unknown)}."
             )
         subject = self.subject_prefix + super().render(template["subject"], context)
-        _check_header("the subject", subject)
+        check_header("the subject", subject)
         body = super().render(template["body"], context)
         # isascii() is O(1) in CPython: the common body skips the scan.
         if not body.isascii():
-            _check_encodable("the body", body)
+            check_encodable("the body", body)
         if "recipients" in template:
             recipients = self._render_recipients(template["recipients"], context)
         else:
@@ -169,7 +174,7 @@ class MailChannel(Channel):
         recipients = []
         for number, entry in enumerate(_string_list(templates, what, PayloadError), 1):
             address = super().render(entry, context)
-            _check_address(f"entry {number} of {what}", address)
+            check_address(f"entry {number} of {what}", address)
             recipients.append(address)
         return recipients
 
@@ -248,8 +253,8 @@ class MailChannel(Channel):
         message.date = time.time()
         host = connection.host
         if host is not None:
-            sender = _parsed_address(message.sender)
-            recipients = [_parsed_address(item) for item in message.recipients]
+            sender = address_of(message.sender)
+            recipients = [address_of(item) for item in message.recipients]
             utf8 = not sender.username.isascii() or any(
                 not item.username.isascii() for item in recipients
             )
@@ -320,8 +325,6 @@ def _send_dispatched(app: Flask, message: _Message, intent: Intent) -> None:
 # and keeps the text readable.
 _QUOTED_PRINTABLE = _charset.Charset("utf-8")
 _QUOTED_PRINTABLE.body_encoding = _charset.QP
-_PHRASE_SPECIALS = re.compile(r'[][\\()<>@,:;".]')  # as email.utils.formataddr
-_PHRASE_ESCAPES = re.compile(r'[\\"]')
 _LONG_LINE = re.compile(rb"[^\r\n]{999}")
 _UNFOLDED = policy.SMTP.clone(max_line_length=None)
 _UNFOLDED_UTF8 = policy.SMTPUTF8.clone(max_line_length=None)
@@ -332,7 +335,7 @@ class _Message(Message):
 
     Built like Flask-Mail's, ASCII header strings (RFC 2047 for non-ASCII
     names and subjects) written out by the ``SMTP`` policy, except: headers
-    are folded here and never refolded (see :func:`_header_address`); a
+    are folded here and never refolded (see :func:`format_address`); a
     message to or from an address with a non-ASCII local part is written as
     UTF-8 (RFC 6532; it needs SMTPUTF8, and Flask-Mail's ``formataddr``
     cannot write it at all); and a body with a line over 998 octets is
@@ -340,8 +343,8 @@ class _Message(Message):
     """
 
     def _message(self) -> MIMEBase:
-        sender = _parsed_address(self.sender)
-        recipients = [_parsed_address(item) for item in dict.fromkeys(self.recipients)]
+        sender = address_of(self.sender)
+        recipients = [address_of(item) for item in dict.fromkeys(self.recipients)]
         utf8 = not sender.username.isascii() or any(
             not item.username.isascii() for item in recipients
         )
@@ -351,51 +354,15 @@ class _Message(Message):
         long_lines = len(body) >= 250 and _LONG_LINE.search(body.encode()) is not None
         mime.set_payload(body, _QUOTED_PRINTABLE if long_lines else "utf-8")
         if self.subject:
-            mime["Subject"] = _header_subject(self.subject)
-        mime["From"] = _header_address(sender)
-        mime["To"] = ",\n ".join(map(_header_address, recipients))
+            mime["Subject"] = format_subject(self.subject)
+        mime["From"] = format_address(sender)
+        mime["To"] = ",\n ".join(map(format_address, recipients))
         mime["Date"] = formatdate(self.date, localtime=True)
         mime["Message-ID"] = self.msgId
         for name, value in (self.extra_headers or {}).items():
             mime[name] = value
         mime.policy = _UNFOLDED_UTF8 if utf8 else _UNFOLDED
         return mime
-
-
-def _header_address(address: Address) -> str:
-    """``address`` for a header, folded by hand, its display name quoted or encoded.
-
-    The email package's own refolding of an address header drops the quotes
-    around a long display name (and decodes an encoded one bare), so a name
-    such as ``"x, a@evil.example, ..."`` turned into recipients of its own.
-    Messages are therefore written with refolding off, and each address sits
-    on lines of its own.
-    """
-    addr = address.addr_spec
-    name = address.display_name
-    if not name:
-        return addr
-    if name.isascii() and len(name) <= 60:
-        if _PHRASE_SPECIALS.search(name):
-            name = '"' + _PHRASE_ESCAPES.sub(r"\\\g<0>", name) + '"'
-        if len(name) + len(addr) <= 72:
-            return f"{name} <{addr}>"
-        return f"{name}\n <{addr}>"
-    # RFC 2047 encoded words, whole: Flask-Mail's sanitize_address leaves the
-    # ASCII words of a non-ASCII name bare, specials and all.
-    return f"{Header(name, 'utf-8', header_name='To').encode()}\n <{addr}>"
-
-
-def _header_subject(subject: str) -> str:
-    """``subject`` folded for a header, as refolding is off (see _header_address)."""
-    if subject.isascii() and len(subject) <= 68:
-        return subject
-    if not subject.isascii():
-        return Header(subject, "utf-8", header_name="Subject").encode()
-    # The unstructured folder is safe (it has no quoting to lose).
-    header = policy.SMTP.header_factory("Subject", subject)
-    folded = str(header.fold(policy=policy.SMTP))
-    return folded.removeprefix("Subject: ").removesuffix("\r\n").replace("\r\n", "\n")
 
 
 class _RefusalsRaise:
@@ -484,106 +451,6 @@ def _reset(connection: _Connection) -> bool:
     return True
 
 
-# What a header value may not hold: every C0 control but TAB, DEL, every C1
-# control (U+0085 among them), U+2028 and U+2029. That is everything
-# str.splitlines() splits on, which is what the email package folds headers
-# with, so a value holding one would become several header lines. Surrogates
-# (U+D800-U+DFFF) cannot be encoded at all.
-_HEADER_REFUSED = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _check_header(what: str, value: str) -> None:
-    # isprintable() is a fast C loop and False for every refused character;
-    # only values it cannot vouch for (TAB, non-ASCII spaces) pay for the regex.
-    if value.isprintable():
-        return
-    found = _HEADER_REFUSED.search(value)
-    if found is None:
-        return
-    char = found.group()
-    if _SURROGATE.match(char):
-        raise PayloadError(
-            f"{what} {value!r} contains the lone surrogate U+{ord(char):04X}"
-            f" (at index {found.start()}), which cannot be encoded in a mail;"
-            " decode the text it came from properly, or remove it."
-        )
-    raise PayloadError(
-        f"{what} {value!r} contains U+{ord(char):04X} (at index {found.start()}):"
-        " line breaks (CR or LF, and also VT, FF, U+001C-U+001E, U+0085, U+2028,"
-        " U+2029) and other control characters could inject mail headers, and"
-        " are refused in every header; remove it."
-    )
-
-
-def _check_encodable(what: str, value: str) -> None:
-    found = _SURROGATE.search(value)
-    if found is not None:
-        raise PayloadError(
-            f"{what} contains the lone surrogate U+{ord(found.group()):04X}"
-            f" (at index {found.start()}, in {_around(value, found.start())!r}),"
-            " which cannot be encoded in a mail, so it could never be sent;"
-            " decode the text it came from properly (json.loads turns"
-            ' "\\ud800" into one), or remove it.'
-        )
-
-
-def _around(text: str, index: int) -> str:
-    """Up to 40 characters of ``text`` around ``index``, for an error message."""
-    return text[max(index - 20, 0) : index + 20]
-
-
-# An address is "addr-spec" or "Name <addr-spec>" (the name bare or quoted);
-# addr-spec is a dot-atom local part, "@", and a dot-atom domain. Non-ASCII
-# is allowed in both: a local part then needs SMTPUTF8, a domain IDNA.
-_ATOM = r"""[^\s"(),.:;<>@\[\\\]]+"""
-_DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
-_ADDR_SPEC = rf"(?P<local{{0}}>{_DOT_ATOM})@(?P<domain{{0}}>{_DOT_ATOM})"
-_ADDRESS = re.compile(
-    rf"""(?:{_ADDR_SPEC.format(1)}|(?P<name>[^<>"]*|"(?:[^"\\]|\\.)*")\s*<{_ADDR_SPEC.format(2)}>)\Z"""
-)
-_QUOTED_PAIR = re.compile(r"\\(.)")
-
-
-@functools.lru_cache(maxsize=1024)
-def _address(value: str) -> Address | None:
-    """``value`` as an Address with an ASCII (IDNA) domain, or None if it is none."""
-    found = _ADDRESS.match(value)
-    if found is None:
-        return None
-    name = found["name"] or ""
-    if name.startswith('"'):
-        name = _QUOTED_PAIR.sub(r"\1", name[1:-1])
-    local = found["local1"] or found["local2"]
-    domain = found["domain1"] or found["domain2"]
-    if not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            return None
-    return Address(display_name=name.strip(), username=local, domain=domain)
-
-
-def _parsed_address(value: str | tuple[str, str]) -> Address:
-    if isinstance(value, tuple):  # Flask-Mail also takes (name, address)
-        value = f"{value[0]} <{value[1]}>"
-    address = _address(value)
-    if address is None:  # every address was checked when the intent was queued
-        raise PayloadError(f"{value!r} is not an email address.")
-    return address
-
-
-def _check_address(what: str, value: str) -> None:
-    _check_header(what, value)
-    if _address(value) is None:
-        raise PayloadError(
-            f"{what} {value!r} is not an email address the mail channel can send"
-            " to: write it as 'user@example.com' or 'Name <user@example.com>'"
-            " (one address, a dot-atom local part, and a domain whose non-ASCII"
-            " labels are valid IDNA)."
-        )
-
-
 def _string_list(value: t.Any, what: str, error: type[ValueError]) -> list[str]:
     """``value`` as a list, if it is a non-empty list of non-empty strings."""
     if (
@@ -599,5 +466,5 @@ def _string_list(value: t.Any, what: str, error: type[ValueError]) -> list[str]:
 def _checked_recipients(value: t.Any, what: str) -> list[str]:
     recipients = _string_list(value, what, ValueError)
     for number, item in enumerate(recipients, 1):
-        _check_address(f"entry {number} of {what}", item)
+        check_address(f"entry {number} of {what}", item)
     return recipients
