@@ -20,6 +20,7 @@ from .errors import (
 from .extension import NotifyQueue
 from .intent import BatchResult, Intent
 from .queue import enqueue, finalise
+from .templates import Raw
 
 __all__ = [
     "ArgumentTypeError",
@@ -34,6 +35,7 @@ __all__ = [
     "NotifyQueue",
     "NotifyQueueError",
     "PayloadError",
+    "Raw",
     "TemplateError",
     "deferred_notify",
     "enqueue",

@@ -66,6 +66,26 @@ class Template(str):
         return "".join(parts)
 
 
+class Raw:
+    """A payload queued as it is: final text, never formatted or escaped.
+
+    ``enqueue("mail", Raw({"subject": s, "body": text, "html": html}))`` queues
+    what an app's own ``send_email(subject, text, html)`` already rendered;
+    ``enqueue("log", Raw("p {color: red}"))`` logs those braces literally.
+    The channel still checks it (header values, addresses) at queue time.
+
+    :param value: the payload, in the shape the channel's templates have.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: t.Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"Raw({self.value!r})"
+
+
 def compile_template(text: str) -> Template:
     """Check ``text`` and return it as a :class:`Template`.
 

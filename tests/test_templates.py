@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from notifyqueue import TemplateError
+from notifyqueue import Raw, TemplateError, enqueue
 from notifyqueue.templates import (
     Template,
     compile_template,
@@ -429,3 +429,13 @@ def test_compile_templates_refuses_a_value_that_is_neither_str_nor_dict(
 def test_compile_templates_errors_name_where_the_template_is() -> None:
     with pytest.raises(TemplateError, match=r"^mail=\['subject'\]: Template"):
         compile_templates({"subject": "{x", "body": "b"}, "mail=")
+
+
+def test_raw_log_payload_is_queued_as_it_is(app, ctx):
+    intent = enqueue("log", Raw("p {color: red} {user.id}"))
+    assert intent.payload == "p {color: red} {user.id}"
+
+
+def test_raw_payload_of_the_wrong_type_is_refused_at_queue_time(app, ctx):
+    with pytest.raises(TemplateError, match=r"takes a str payload, got int 42"):
+        enqueue("log", Raw(42))

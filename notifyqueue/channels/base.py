@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typing as t
 
-from ..templates import Template, compile_template
+from ..errors import TemplateError
+from ..templates import Raw, Template, compile_template
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -32,13 +33,32 @@ class Channel:
     def init_app(self, app: Flask) -> None:
         """Check what the channel needs from ``app``; raise ``ValueError`` if not."""
 
+    def check_template(self, template: t.Any) -> None:
+        """Check a template's shape without rendering it.
+
+        Called at ``init_app`` for every template a decorated function names
+        this channel with (and at decoration for functions decorated after),
+        so a malformed template fails at start-up instead of at its first
+        call. Raise :class:`~notifyqueue.TemplateError` saying what is wrong;
+        the caller adds the function's and the channel's names. The base
+        class accepts any template.
+        """
+
     def render(self, template: t.Any, context: t.Mapping[str, t.Any]) -> t.Any:
         """Render ``template`` at queue time, inside the caller's transaction.
 
         Raise ``ValueError`` here for anything invalid, so the caller sees it
         before the commit. The base class renders a ``str`` template with
-        ``str.format`` semantics.
+        ``str.format`` semantics, and returns a :class:`~notifyqueue.Raw`
+        ``str`` as it is.
         """
+        if isinstance(template, Raw):
+            if not isinstance(template.value, str):
+                raise TemplateError(
+                    f"Channel {self.name!r} takes a str payload, got"
+                    f" {type(template.value).__name__} {template.value!r} in Raw()."
+                )
+            return template.value
         if not isinstance(template, Template):
             template = compile_template(template)
         return template.render(context)

@@ -6,7 +6,7 @@ import logging
 import typing as t
 
 from ..errors import DeliveryError, TemplateError
-from ..templates import Template, compile_template
+from ..templates import Raw, Template, compile_template
 from .base import Channel
 
 if t.TYPE_CHECKING:
@@ -43,6 +43,8 @@ class LogChannel(Channel):
     def render(self, template: t.Any, context: t.Mapping[str, t.Any]) -> str:
         if isinstance(template, Template):
             return template.render_one_line(context)
+        if isinstance(template, Raw):  # the app's own final text, kept as it is
+            return t.cast(str, super().render(template, context))
         if not isinstance(template, str):
             raise TemplateError(
                 f"Channel {self.name!r} (log) takes a str template,"
