@@ -658,12 +658,16 @@ def test_line_break_in_subject_prefix_fails_at_init_app(
     ("template", "match"),
     [
         pytest.param("Saved {name}", "takes a dict template", id="not-a-dict"),
-        pytest.param({"subject": "Saved {name}"}, r"missing \['body'\]", id="no-body"),
         pytest.param(
-            {"body": "Saved {name}"}, r"missing \['subject'\]", id="no-subject"
+            {"subject": "Saved {name}"},
+            "none of 'body', 'html' or 'template'",
+            id="no-body",
         ),
+        pytest.param({"body": "Saved {name}"}, "has no 'subject'", id="no-subject"),
         pytest.param(
-            {**TEMPLATE, "cc": ["x@example.com"]}, r"unknown \['cc'\]", id="unknown-key"
+            {**TEMPLATE, "subjct": "x"},
+            r"unknown key 'subjct' \(did you mean 'subject'\?\)",
+            id="unknown-key",
         ),
     ],
 )
@@ -688,7 +692,7 @@ def test_template_shape_error_raises_at_enqueue(
     [
         pytest.param("Saved {name}", id="not-a-dict"),
         pytest.param({"subject": "Saved {name}"}, id="no-body"),
-        pytest.param({**TEMPLATE, "reply_to": "Saved {name}"}, id="unknown-key"),
+        pytest.param({**TEMPLATE, "replyto": "Saved {name}"}, id="unknown-key"),
     ],
 )
 def test_template_shape_error_raises_when_the_decorated_function_returns(
@@ -777,14 +781,24 @@ def test_bad_option_fails_at_init_app(
     assert "notifyqueue" not in app.extensions
 
 
-def test_missing_recipients_fails_at_init_app(
-    make_app: t.Callable[..., Flask],
+def test_without_a_recipients_option_a_mail_to_nobody_fails_at_queue_time(
+    smtp_server: SMTPServer,
 ) -> None:
-    app = make_app(init=False, NOTIFYQUEUE_CHANNELS={"mail": {"type": "mail"}})
-    with pytest.raises(
-        ConfigurationError, match=r"NOTIFYQUEUE_CHANNELS\['mail'\].*recipients"
-    ):
-        NotifyQueue(app)
+    app = _light_app(smtp_server, NOTIFYQUEUE_CHANNELS={"mail": {"type": "mail"}})
+    with app.app_context():
+        with pytest.raises(
+            PayloadError,
+            match=r"^The mail 'Saved x' has no recipient: .*'recipients', 'cc' or"
+            r" 'bcc'.*channel 'mail' no 'recipients' option",
+        ):
+            enqueue("mail", TEMPLATE, name="x")
+        intent = enqueue(
+            "mail", {**TEMPLATE, "recipients": ["a@example.com"]}, name="y"
+        )
+        result = finalise()
+
+    assert result.dispatched == [intent]
+    assert smtp_server.envelopes == [["a@example.com"]]
 
 
 def test_no_sender_anywhere_fails_at_init_app(
@@ -1319,7 +1333,7 @@ def test_an_empty_template_recipients_list_is_refused_at_queue_time(
 ) -> None:
     app = _light_app(smtp_server)
     with app.app_context():
-        with pytest.raises(PayloadError, match="must be a non-empty list"):
+        with pytest.raises(TemplateError, match="must be a non-empty list"):
             enqueue("mail", {**TEMPLATE, "recipients": []}, name="x")
 
 

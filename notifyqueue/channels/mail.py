@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import difflib
 import logging
 import re
 import smtplib
@@ -11,33 +13,46 @@ import typing as t
 from collections.abc import Mapping
 from email import charset as _charset
 from email import policy
+from email.mime.base import MIMEBase
+from email.mime.multipart import MIMEMultipart
 from email.mime.nonmultipart import MIMENonMultipart
 from email.utils import formataddr, formatdate
 
-from flask import current_app
-from flask_mail import Connection, Message, email_dispatched
+import jinja2
+from flask import current_app, render_template
+from flask_mail import Attachment, Connection, Message, email_dispatched
 
 from ..errors import ConfigurationError, DeliveryError, PayloadError, TemplateError
+from ..templates import Raw, Template, compile_template
 from .base import Channel
 from .mail_headers import (
     address_of,
     check_address,
+    check_content_type,
     check_encodable,
     check_header,
     format_address,
+    format_disposition,
     format_subject,
 )
 
 if t.TYPE_CHECKING:
-    from email.mime.base import MIMEBase
-
     from flask import Flask
 
     from ..intent import Intent
 
 logger = logging.getLogger("notifyqueue")
 
-_TEMPLATE_KEYS = frozenset({"subject", "body", "recipients"})
+_TEXT_KEYS = ("body", "html", "template")
+_LIST_KEYS = ("recipients", "cc", "bcc")
+_STR_KEYS = ("subject", "body", "html", "reply_to", "sender")
+_TEMPLATE_KEYS = frozenset(
+    {"subject", *_TEXT_KEYS, *_LIST_KEYS, "reply_to", "sender", "attachments"}
+)
+# A parameter, then attributes (or keys) of it: "files", "result.files". No
+# attribute may start with "_", as in templates.
+_FIELD_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z]\w*)*\Z", re.ASCII)
+_MAX_FILENAME = 255  # what file systems take; longer names are a mistake
 
 
 class MailChannel(Channel):
@@ -48,13 +63,24 @@ class MailChannel(Channel):
     for any one recipient counts as failed), one that cannot be built, or one
     whose address needs SMTPUTF8 from a server without it. A broken connection
     fails the message in flight and the next one reconnects; a server that
-    cannot be reached fails the rest.
+    cannot be reached fails the rest, naming ``MAIL_SERVER`` and ``MAIL_PORT``.
     Each message carries an ``X-Notifyqueue-Intent`` header with the intent id.
 
-    :param recipients: the default recipients, a non-empty list of addresses.
+    A template is a dict: ``subject``; ``body`` (text), ``html`` or both, or
+    ``template`` (Jinja files ``NAME.txt`` and ``NAME.html``); optionally
+    ``recipients``, ``cc``, ``bcc`` (lists of address templates), ``reply_to``,
+    ``sender`` (address templates) and ``attachments`` (the name of a
+    parameter, or ``result.attr``, holding ``(filename, content_type, data)``
+    tuples). :class:`~notifyqueue.Raw` queues such a dict of final text, with
+    ``attachments`` the list itself.
+
+    :param recipients: the default recipients, a non-empty list of addresses,
+        for templates without ``recipients``.
     :param sender: the From address; default ``MAIL_DEFAULT_SENDER``.
-    :param subject_prefix: put before every rendered subject.
+    :param subject_prefix: put before every subject.
     :param timeout: the SMTP socket timeout, in seconds.
+    :param max_size: the largest message, in bytes of body, HTML and
+        attachment data before encoding; a larger one fails at queue time.
     """
 
     test_template: t.ClassVar[t.Any] = {
@@ -66,13 +92,18 @@ class MailChannel(Channel):
         self,
         name: str,
         *,
-        recipients: list[str],
+        recipients: list[str] | None = None,
         sender: str | None = None,
         subject_prefix: str = "",
         timeout: float = 10,
+        max_size: int = 10 * 1024 * 1024,
     ) -> None:
         super().__init__(name)
-        self.recipients = _checked_recipients(recipients, "option 'recipients'")
+        self.recipients = (
+            None
+            if recipients is None
+            else _checked_recipients(recipients, "option 'recipients'")
+        )
         if sender is not None:
             check_address("option 'sender'", sender)
         self.sender = sender
@@ -92,6 +123,12 @@ class MailChannel(Channel):
                 f" got {timeout!r}."
             )
         self.timeout = float(timeout)
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+            raise ValueError(
+                "option 'max_size' must be a positive whole number of bytes,"
+                f" got {max_size!r}."
+            )
+        self.max_size = max_size
         self._sender: str | None = None
         self._mail: t.Any = None
         self._domain = ""
@@ -128,55 +165,122 @@ class MailChannel(Channel):
             key for key, value in prototype.items() if isinstance(value, (list, dict))
         )
 
+    def check_template(self, template: t.Any) -> None:
+        """Check a mail template's keys and the types of its values.
+
+        :raises TemplateError: naming the problem (an unknown key with the
+            closest known one, a missing ``subject`` or text, a wrong type).
+        """
+        problem = _shape_problem(template, raw=False)
+        if problem is not None:
+            raise TemplateError(problem[0].upper() + problem[1:])
+
     def render(
         self, template: t.Any, context: t.Mapping[str, t.Any]
     ) -> dict[str, t.Any]:
-        # collections.abc, not typing: typing's alias makes isinstance 3x slower.
-        if not isinstance(template, Mapping):
-            raise TemplateError(
-                f"Channel {self.name!r} (mail) takes a dict template with 'subject'"
-                f" and 'body', got {type(template).__name__} {template!r}."
-            )
-        if (
-            "subject" not in template
-            or "body" not in template
-            or not _TEMPLATE_KEYS.issuperset(template)
-        ):
-            unknown = set(template) - _TEMPLATE_KEYS
-            missing = {"subject", "body"} - set(template)
-            raise TemplateError(
-                f"Channel {self.name!r} (mail): the template needs 'subject' and"
-                " 'body', and may have 'recipients';"
-                f" missing {sorted(missing)}, unknown {sorted(unknown)}."
-            )
-        subject = self.subject_prefix + super().render(template["subject"], context)
-        check_header("the subject", subject)
-        body = super().render(template["body"], context)
-        # isascii() is O(1) in CPython: the common body skips the scan.
-        if not body.isascii():
-            check_encodable("the body", body)
-        if "recipients" in template:
-            recipients = self._render_recipients(template["recipients"], context)
-        else:
-            recipients = list(self.recipients)
-        return {
-            "subject": subject,
-            "body": body,
-            "recipients": recipients,
-            "sender": self._sender,
-        }
+        raw = isinstance(template, Raw)
+        if raw:
+            template = template.value
+        problem = _shape_problem(template, raw)
+        if problem is not None:
+            raise TemplateError(f"Channel {self.name!r} (mail): {problem}")
+        where = "the Raw payload's" if raw else "the template's"
 
-    def _render_recipients(
-        self, templates: t.Any, context: t.Mapping[str, t.Any]
+        def text(value: t.Any) -> str:
+            return value if raw else Channel.render(self, value, context)  # type: ignore[no-any-return]
+
+        subject = self.subject_prefix + text(template["subject"])
+        check_header("the subject", subject)
+        payload: dict[str, t.Any] = {"subject": subject}
+        body: str | None = None
+        html: str | None = None
+        if "template" in template:
+            body, html = _render_files(str(template["template"]), context)
+        else:
+            if "body" in template:
+                body = text(template["body"])
+            if "html" in template:
+                html = (
+                    template["html"] if raw else _render_html(template["html"], context)
+                )
+        size = 0
+        if body is not None:
+            # isascii() is O(1) in CPython: the common body skips the scan.
+            if body.isascii():
+                size += len(body)
+            else:
+                check_encodable("the body", body)
+                size += len(body.encode())
+            payload["body"] = body
+        if html is not None:
+            if html.isascii():
+                size += len(html)
+            else:
+                check_encodable("the HTML part", html)
+                size += len(html.encode())
+            payload["html"] = html
+        if "recipients" in template:
+            recipients = self._addresses(
+                template["recipients"], where, "recipients", text
+            )
+        else:
+            recipients = list(self.recipients or ())
+        payload["recipients"] = recipients
+        anyone = bool(recipients)
+        for key in ("cc", "bcc"):
+            if key in template:
+                payload[key] = self._addresses(template[key], where, key, text)
+                anyone = True
+        if not anyone:
+            raise PayloadError(
+                f"The mail {subject!r} has no recipient: the template has no"
+                " 'recipients', 'cc' or 'bcc', and channel"
+                f" {self.name!r} no 'recipients' option; give it one of them."
+            )
+        if "reply_to" in template:
+            reply_to = text(template["reply_to"])
+            check_address(f"{where} 'reply_to'", reply_to)
+            payload["reply_to"] = reply_to
+        if "sender" in template:
+            sender = text(template["sender"])
+            check_address(f"{where} 'sender'", sender)
+            payload["sender"] = sender
+        else:
+            payload["sender"] = self._sender
+        if "attachments" in template:
+            files = (
+                template["attachments"]
+                if raw
+                else _lookup(template["attachments"], context)
+            )
+            attachments, data_size = _attachments(files, where)
+            size += data_size
+            if attachments:
+                payload["attachments"] = attachments
+        if size > self.max_size:
+            raise PayloadError(
+                f"The mail {subject!r} is {size:,} bytes (body, HTML and"
+                f" attachment data), over the limit of {self.max_size:,} bytes"
+                f" set by the 'max_size' option of channel {self.name!r}; send"
+                " less (a link instead of a large file), or raise 'max_size'"
+                " in NOTIFYQUEUE_CHANNELS if your server takes more."
+            )
+        return payload
+
+    def _addresses(
+        self,
+        templates: list[t.Any],
+        where: str,
+        key: str,
+        text: t.Callable[[t.Any], str],
     ) -> list[str]:
-        """Render each entry of a template's ``recipients`` and check the address."""
-        what = "the template's 'recipients'"
-        recipients = []
-        for number, entry in enumerate(_string_list(templates, what, PayloadError), 1):
-            address = super().render(entry, context)
-            check_address(f"entry {number} of {what}", address)
-            recipients.append(address)
-        return recipients
+        """Render each entry of ``recipients``, ``cc`` or ``bcc``; check the address."""
+        addresses = []
+        for number, entry in enumerate(templates, 1):
+            address = text(entry)
+            check_address(f"entry {number} of {where} {key!r}", address)
+            addresses.append(address)
+        return addresses
 
     def send(self, intents: t.Sequence[Intent]) -> None:
         if self._mail is None:
@@ -198,7 +302,9 @@ class MailChannel(Channel):
                             self._mail, self.timeout, self._domain
                         ).__enter__()
                     except OSError as exc:  # smtplib's errors are OSErrors too
-                        unreachable = failures[intent.id] = exc
+                        unreachable = failures[intent.id] = _unreachable(
+                            exc, self._mail
+                        )
                         continue
                     sent = 0
                 try:
@@ -254,7 +360,11 @@ class MailChannel(Channel):
         host = connection.host
         if host is not None:
             sender = address_of(message.sender)
-            recipients = [address_of(item) for item in message.recipients]
+            # Bcc addresses go in the envelope only, never in a header.
+            recipients = [
+                address_of(item)
+                for item in (*message.recipients, *message.cc, *message.bcc)
+            ]
             utf8 = not sender.username.isascii() or any(
                 not item.username.isascii() for item in recipients
             )
@@ -293,11 +403,230 @@ class MailChannel(Channel):
             fields[key] = fields[key].copy()
         message.subject = payload["subject"]
         message.recipients = list(payload["recipients"])
-        message.body = payload["body"]
+        message.body = payload.get("body")
+        if "html" in payload:
+            message.html = payload["html"]
+        message.cc = list(payload.get("cc", ()))
+        message.bcc = list(payload.get("bcc", ()))
+        message.reply_to = payload.get("reply_to")
         message.sender = payload["sender"]
+        message.attachments = [
+            _Attachment(
+                entry["filename"],
+                entry["content_type"],
+                base64.b64decode(entry["data_base64"], validate=True),
+                charset=entry.get("charset"),
+            )
+            for entry in payload.get("attachments", ())
+        ]
         message.extra_headers = {"X-Notifyqueue-Intent": intent.id}
         message.msgId = f"<{intent.id}@{self._domain}>"
         return message
+
+
+def _shape_problem(template: t.Any, raw: bool) -> str | None:
+    """What is wrong with a mail template's shape, or None.
+
+    The one check of :meth:`MailChannel.check_template` and of ``render``, so
+    that a template accepted at start-up is never refused at its call for its
+    shape. ``raw``: a :class:`~notifyqueue.Raw` payload, whose ``attachments``
+    is the list itself and which cannot name Jinja files.
+    """
+    # collections.abc, not typing: typing's alias makes isinstance 3x slower.
+    if not isinstance(template, Mapping):
+        return (
+            "takes a dict template with 'subject' and 'body', 'html' or"
+            f" 'template', got {type(template).__name__} {template!r}."
+        )
+    if not _TEMPLATE_KEYS.issuperset(template):
+        unknown = sorted(map(str, set(template) - _TEMPLATE_KEYS))
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, _TEMPLATE_KEYS, n=1)
+            hints.append(
+                f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            )
+        return (
+            f"unknown key {', '.join(hints)} in the template; a mail template"
+            f" takes {', '.join(map(repr, sorted(_TEMPLATE_KEYS)))}."
+        )
+    if "subject" not in template:
+        return f"the template has no 'subject': add one. Template: {template!r}."
+    if not ("body" in template or "html" in template or "template" in template):
+        return (
+            "the template has none of 'body', 'html' or 'template': add a text"
+            " body, an HTML body, or both, or the name of Jinja files."
+            f" Template: {template!r}."
+        )
+    for key in _STR_KEYS:
+        if key in template and not isinstance(template[key], str):
+            value = template[key]
+            return (
+                f"the template's {key!r} must be a str template, got"
+                f" {type(value).__name__} {value!r}."
+            )
+    for key in _LIST_KEYS:
+        value = template.get(key)
+        if value is not None or key in template:
+            if (
+                not isinstance(value, (list, tuple))
+                or not value
+                or not all(isinstance(item, str) and item for item in value)
+            ):
+                return (
+                    f"the template's {key!r} must be a non-empty list of address"
+                    f" templates (non-empty strings), got {value!r}; leave the key"
+                    " out for none."
+                )
+    if "template" in template:
+        name = template["template"]
+        if raw:
+            return (
+                "a Raw payload holds final text and cannot name Jinja files"
+                f" ('template': {name!r}); render them first, or leave out Raw."
+            )
+        if not isinstance(name, str) or not name:
+            return (
+                "the template's 'template' must be the name of Jinja files"
+                f" without extension ('email/confirm'), got {name!r}."
+            )
+        if "body" in template or "html" in template:
+            return (
+                "the template has 'template' and also 'body' or 'html': the"
+                f" files {name}.txt and {name}.html are the body and the HTML"
+                " part; keep one or the other."
+            )
+    if "attachments" in template:
+        files = template["attachments"]
+        if raw:
+            if files is not None and not isinstance(files, (list, tuple)):
+                return (
+                    "the Raw payload's 'attachments' must be a list of"
+                    f" (filename, content_type, data) tuples, got {files!r}."
+                )
+        elif not isinstance(files, str) or _FIELD_PATH.match(files) is None:
+            return (
+                "the template's 'attachments' must name a parameter, or an"
+                " attribute of one or of the result ('files', 'result.files'),"
+                f" holding (filename, content_type, data) tuples; got {files!r}."
+                " Attributes that start with '_' are refused."
+            )
+    return None
+
+
+def _render_html(value: str, context: t.Mapping[str, t.Any]) -> str:
+    template = value if isinstance(value, Template) else compile_template(value)
+    return template.render_html(context)
+
+
+def _render_files(
+    name: str, context: t.Mapping[str, t.Any]
+) -> tuple[str | None, str | None]:
+    """Render ``NAME.txt`` and ``NAME.html`` with Flask's ``render_template``.
+
+    Either may be missing, not both. Jinja autoescapes the ``.html`` file
+    (Flask's default) and not the ``.txt``.
+    """
+    rendered: list[str | None] = []
+    names = (f"{name}.txt", f"{name}.html")
+    for filename in names:
+        try:
+            rendered.append(render_template(filename, **context))
+        except jinja2.TemplateNotFound as exc:
+            if exc.name != filename:  # a file it includes or extends is missing
+                raise TemplateError(
+                    f"Cannot render the mail template {filename!r}: it uses"
+                    f" {exc.name!r}, which was not found."
+                ) from exc
+            rendered.append(None)
+        except jinja2.TemplateError as exc:
+            raise TemplateError(
+                f"Cannot render the mail template {filename!r}:"
+                f" {type(exc).__name__}: {exc}."
+            ) from exc
+    if rendered[0] is None and rendered[1] is None:
+        raise TemplateError(
+            f"The mail template 'template': {name!r} needs {names[0]!r} or"
+            f" {names[1]!r} (or both) in the app's template folders, and"
+            " neither was found."
+        )
+    return rendered[0], rendered[1]
+
+
+def _lookup(path: str, context: t.Mapping[str, t.Any]) -> t.Any:
+    """The value ``path`` (``"files"``, ``"result.files"``) names in ``context``."""
+    first, *attributes = path.split(".")
+    try:
+        value = context[first]
+        for attribute in attributes:
+            if isinstance(value, Mapping):
+                value = value[attribute]
+            else:
+                value = getattr(value, attribute)
+    except (KeyError, AttributeError) as exc:
+        raise TemplateError(
+            f"The template's 'attachments' names {path!r}, which the call does"
+            f" not have ({type(exc).__name__}: {exc}); name a parameter of the"
+            " function, or 'result.<attribute>'."
+        ) from exc
+    return value
+
+
+def _attachments(files: t.Any, where: str) -> tuple[list[dict[str, str]], int]:
+    """Check attachments and make them JSON: the entries and their data's size.
+
+    Data travels base64-encoded (``data_base64``); ``str`` data as its UTF-8
+    bytes, the entry then saying ``"charset": "utf-8"``.
+    """
+    if files is None:
+        return [], 0
+    what = f"{where} 'attachments'"
+    if isinstance(files, (str, bytes)) or not isinstance(files, (list, tuple)):
+        raise PayloadError(
+            f"{what} must hold a list of (filename, content_type, data) tuples,"
+            f" got {type(files).__name__} {files!r:.200}."
+        )
+    entries = []
+    size = 0
+    for number, item in enumerate(files, 1):
+        label = f"attachment {number} of {what}"
+        if not isinstance(item, (list, tuple)) or len(item) != 3:
+            raise PayloadError(
+                f"{label} must be a (filename, content_type, data) tuple,"
+                f" got {item!r:.200}."
+            )
+        filename, content_type, data = item
+        if not isinstance(filename, str) or not filename.strip():
+            raise PayloadError(
+                f"the filename of {label} must be a non-empty str, got {filename!r}."
+            )
+        check_header(f"the filename of {label}", filename)
+        if len(filename) > _MAX_FILENAME:
+            raise PayloadError(
+                f"the filename of {label} is {len(filename)} characters long;"
+                f" at most {_MAX_FILENAME} are taken: shorten it."
+            )
+        if not isinstance(content_type, str):
+            raise PayloadError(
+                f"the content type of {label} must be a str, got {content_type!r}."
+            )
+        check_content_type(f"the content type of {label}", content_type)
+        entry = {"filename": filename, "content_type": content_type}
+        if isinstance(data, str):
+            check_encodable(f"the data of {label}", data)
+            data = data.encode()
+            entry["charset"] = "utf-8"
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            data = bytes(data)
+        else:
+            raise PayloadError(
+                f"the data of {label} ({filename!r}) must be bytes or str, got"
+                f" {type(data).__name__}."
+            )
+        entry["data_base64"] = base64.b64encode(data).decode("ascii")
+        size += len(data)
+        entries.append(entry)
+    return entries, size
 
 
 def _send_dispatched(app: Flask, message: _Message, intent: Intent) -> None:
@@ -331,38 +660,121 @@ _UNFOLDED_UTF8 = policy.SMTPUTF8.clone(max_line_length=None)
 
 
 class _Message(Message):
-    """Flask-Mail's message as the mail channel sends it: plain text only.
+    """Flask-Mail's message as the mail channel sends it.
 
     Built like Flask-Mail's, ASCII header strings (RFC 2047 for non-ASCII
     names and subjects) written out by the ``SMTP`` policy, except: headers
     are folded here and never refolded (see :func:`format_address`); a
     message to or from an address with a non-ASCII local part is written as
     UTF-8 (RFC 6532; it needs SMTPUTF8, and Flask-Mail's ``formataddr``
-    cannot write it at all); and a body with a line over 998 octets is
-    quoted-printable.
+    cannot write it at all); a text or HTML part with a line over 998 octets
+    is quoted-printable; an HTML-only message has no empty text part; and
+    attachments are base64 with RFC 2231 file names.
     """
 
     def _message(self) -> MIMEBase:
         sender = address_of(self.sender)
         recipients = [address_of(item) for item in dict.fromkeys(self.recipients)]
-        utf8 = not sender.username.isascii() or any(
-            not item.username.isascii() for item in recipients
-        )
-        mime = MIMENonMultipart("text", "plain", charset="utf-8")
-        body = self.body or ""
-        # A line of 998 octets has at least 250 characters (4 octets at most each).
-        long_lines = len(body) >= 250 and _LONG_LINE.search(body.encode()) is not None
-        mime.set_payload(body, _QUOTED_PRINTABLE if long_lines else "utf-8")
+        cc = [address_of(item) for item in dict.fromkeys(self.cc)]
+        reply_to = address_of(self.reply_to) if self.reply_to else None
+        in_headers = [sender, *recipients, *cc, *([reply_to] if reply_to else [])]
+        utf8 = any(not item.username.isascii() for item in in_headers)
+        html = self.html
+        parts = []
+        if self.body is not None or html is None:
+            parts.append(_text_part("plain", self.body or ""))
+        if html is not None:
+            parts.append(_text_part("html", html))
+        mime: MIMEBase = parts[0]
+        if len(parts) > 1:
+            mime = MIMEMultipart("alternative", _subparts=parts)
+        if self.attachments:
+            mime = MIMEMultipart(
+                "mixed", _subparts=[mime, *map(_attachment_part, self.attachments)]
+            )
+        if len(parts) > 1 or self.attachments:
+            for part in mime.walk():
+                if part is not mime:
+                    del part["MIME-Version"]
         if self.subject:
             mime["Subject"] = format_subject(self.subject)
         mime["From"] = format_address(sender)
-        mime["To"] = ",\n ".join(map(format_address, recipients))
+        if recipients:
+            mime["To"] = ",\n ".join(map(format_address, recipients))
+        if cc:
+            mime["Cc"] = ",\n ".join(map(format_address, cc))
+        if reply_to is not None:
+            mime["Reply-To"] = format_address(reply_to)
         mime["Date"] = formatdate(self.date, localtime=True)
         mime["Message-ID"] = self.msgId
         for name, value in (self.extra_headers or {}).items():
             mime[name] = value
         mime.policy = _UNFOLDED_UTF8 if utf8 else _UNFOLDED
         return mime
+
+
+class _Attachment(Attachment):
+    """Flask-Mail's attachment, knowing the charset of data that was text."""
+
+    def __init__(
+        self, filename: str, content_type: str, data: bytes, charset: str | None
+    ) -> None:
+        super().__init__(filename, content_type, data)
+        self.charset = charset
+
+
+def _text_part(subtype: str, text: str) -> MIMENonMultipart:
+    part = MIMENonMultipart("text", subtype, charset="utf-8")
+    # A line of 998 octets has at least 250 characters (4 octets at most each).
+    long_lines = len(text) >= 250 and _LONG_LINE.search(text.encode()) is not None
+    part.set_payload(text, _QUOTED_PRINTABLE if long_lines else "utf-8")
+    return part
+
+
+def _attachment_part(attachment: Attachment) -> MIMEBase:
+    maintype, subtype = attachment.content_type.split("/")
+    part = MIMEBase(maintype, subtype)
+    charset = getattr(attachment, "charset", None)
+    if charset:
+        part.set_param("charset", charset)
+    data = attachment.data
+    # base64 carries every byte as it is; lines of 76 characters.
+    part.set_payload(
+        base64.encodebytes(data if isinstance(data, bytes) else data.encode()).decode(
+            "ascii"
+        )
+    )
+    part["Content-Transfer-Encoding"] = "base64"
+    part["Content-Disposition"] = format_disposition(attachment.filename or "file")
+    return part
+
+
+def _unreachable(exc: OSError, mail: t.Any) -> OSError:
+    """``exc`` restated to name the server settings and the fix, chained to it.
+
+    The same type as ``exc`` where it can be made (``ConnectionRefusedError``
+    stays one), so that callers catching it by type still do.
+    """
+    message = (
+        f"Cannot reach the SMTP server MAIL_SERVER={mail.server!r},"
+        f" MAIL_PORT={mail.port!r} ({type(exc).__name__}: {exc}). Check that a"
+        " server listens there (and MAIL_USE_TLS, MAIL_USE_SSL, MAIL_USERNAME);"
+        " in development, set MAIL_SUPPRESS_SEND = True to send nothing."
+    )
+    restated: OSError
+    try:
+        if isinstance(exc, smtplib.SMTPResponseException):
+            restated = type(exc)(exc.smtp_code, message)
+        elif exc.errno is not None and not isinstance(exc, smtplib.SMTPException):
+            restated = type(exc)(exc.errno, message)
+        else:
+            restated = type(exc)(message)
+    except TypeError:  # a subclass with a constructor of its own
+        restated = OSError(message)
+    try:
+        raise restated from exc
+    except OSError as raised:  # raised, so that it carries a traceback
+        return raised
 
 
 class _RefusalsRaise:

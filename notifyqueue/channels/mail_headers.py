@@ -12,6 +12,7 @@ import re
 from email import policy
 from email.header import Header
 from email.headerregistry import Address
+from urllib.parse import quote
 
 from ..errors import PayloadError
 
@@ -161,3 +162,45 @@ def format_subject(subject: str) -> str:
     header = policy.SMTP.header_factory("Subject", subject)
     folded = str(header.fold(policy=policy.SMTP))
     return folded.removeprefix("Subject: ").removesuffix("\r\n").replace("\r\n", "\n")
+
+
+# RFC 6838 4.2: a type and a subtype of restricted-name characters.
+_RESTRICTED_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+_CONTENT_TYPE = re.compile(rf"{_RESTRICTED_NAME}/{_RESTRICTED_NAME}\Z")
+
+
+def check_content_type(what: str, value: str) -> None:
+    """Refuse a value that is not a bare ``type/subtype`` media type."""
+    if _CONTENT_TYPE.match(value) is None:
+        raise PayloadError(
+            f"{what} {value!r} is not a media type: write it as 'type/subtype'"
+            " ('application/pdf', 'text/csv'), without parameters."
+        )
+
+
+_FILENAME_PLAIN = re.compile(r"[ !#-\[\]-~]{1,60}\Z")  # printable ASCII but " \
+
+
+def format_disposition(filename: str) -> str:
+    """A ``Content-Disposition`` value naming ``filename``, folded by hand.
+
+    A short printable ASCII name is quoted; any other is written as RFC 2231
+    continuations of UTF-8, percent-encoded (``filename*0*=utf-8''...``), on
+    lines of their own, so that neither a long nor a non-ASCII name makes a
+    line over SMTP's limit (refolding is off, see :func:`format_address`).
+    """
+    if _FILENAME_PLAIN.match(filename):
+        return f'attachment; filename="{filename}"'
+    encoded = quote(filename, safe="")
+    chunks = []
+    start = 0
+    while start < len(encoded):
+        end = min(start + 60, len(encoded))
+        # Never split a %XX escape.
+        if "%" in encoded[end - 2 : end] and end < len(encoded):
+            end = encoded.rindex("%", start, end)
+        chunks.append(encoded[start:end])
+        start = end
+    chunks[0] = "utf-8''" + chunks[0]
+    parts = [f"filename*{number}*={chunk}" for number, chunk in enumerate(chunks)]
+    return "attachment;\n " + ";\n ".join(parts)
