@@ -16,6 +16,7 @@ from .conftest import SMTPServer
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart.py"
+TEST_QUICKSTART = ROOT / "examples" / "test_quickstart.py"
 
 # What main() prints, in order: each line is also a comment in main().
 PRINTED = [
@@ -72,6 +73,15 @@ def test_readme_usage_is_an_exact_excerpt_of_examples_quickstart() -> None:
         'if __name__ == "__main__":',
     ):
         assert part in snippet
+
+
+def test_readme_testing_is_an_exact_excerpt_of_examples_test_quickstart() -> None:
+    snippet = readme_python_block("Testing your app")
+    source = TEST_QUICKSTART.read_text()
+
+    assert snippet in source
+    for fixture in ("def app(", "def db(", "def client(", "notifications"):
+        assert fixture in snippet
 
 
 def test_each_printed_line_is_a_comment_of_quickstart() -> None:
