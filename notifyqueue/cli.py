@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing as t
 
 import click
 from flask import current_app
@@ -11,6 +12,10 @@ from flask.cli import AppGroup
 from .errors import DeliveryError
 from .extension import get_state
 from .queue import enqueue, finalise
+from .templates import Raw
+
+if t.TYPE_CHECKING:
+    from .channels import Channel
 
 cli = AppGroup("notifyqueue", help="Inspect and test notifyqueue channels.")
 
@@ -30,16 +35,44 @@ def list_channels() -> None:
 
 @cli.command("send-test")
 @click.argument("channel")
-def send_test(channel: str) -> None:
-    """Send a test notification through CHANNEL, committing an empty transaction."""
+@click.option(
+    "--to",
+    "address",
+    metavar="ADDRESS",
+    help="A mail channel: send the test to ADDRESS instead of its recipients.",
+)
+def send_test(channel: str, address: str | None) -> None:
+    """Send a test notification through CHANNEL, committing an empty transaction.
+
+    Exits 1 if delivery failed. A mail channel of an app with Flask-Mail's
+    ``MAIL_SUPPRESS_SEND`` builds the message and sends nothing, and says so.
+    """
     _, state = get_state()
     if channel not in state.channels:
         raise click.BadParameter(
             f"unknown channel {channel!r}; configured: {', '.join(state.channels)}.",
             param_hint="CHANNEL",
         )
+    is_mail = _is_mail(state.channels[channel])
     template = state.channels[channel].test_template
-    intent = enqueue(channel, template, app=current_app.name)
+    if address is not None:
+        if not is_mail:
+            raise click.BadParameter(
+                f"only a mail channel has recipients; {channel!r} is a"
+                f" {state.options[channel]['type']!r} channel.",
+                param_hint="'--to'",
+            )
+        # Raw: the address is final text, not a template (a brace stays a brace).
+        template = Raw(
+            {key: value.format(app=current_app.name) for key, value in template.items()}
+            | {"recipients": [address]}
+        )
+    try:
+        intent = enqueue(channel, template, app=current_app.name)
+    except ValueError as exc:  # a malformed --to address, a channel without one
+        if address is not None:
+            raise click.BadParameter(str(exc), param_hint="'--to'") from exc
+        raise click.ClickException(str(exc)) from exc
     try:
         result = finalise(commit=True)
     except DeliveryError as exc:  # NOTIFYQUEUE_STRICT: report it like the others
@@ -50,4 +83,20 @@ def send_test(channel: str) -> None:
         click.echo(f"FAILED {failed.id} via {channel}: {error!r}", err=True)
     if not result.ok:
         raise SystemExit(1)
-    click.echo(f"Sent {intent.id} via {channel}.")
+    to = f" to {address}" if address is not None else ""
+    if is_mail and current_app.extensions["mail"].suppress:
+        click.echo(
+            f"Suppressed {intent.id} via {channel} (MAIL_SUPPRESS_SEND):"
+            f" nothing was sent{to}."
+        )
+    else:
+        click.echo(f"Sent {intent.id} via {channel}{to}.")
+
+
+def _is_mail(channel: Channel) -> bool:
+    """Whether ``channel`` is the mail channel (or a subclass of it)."""
+    try:
+        from .channels.mail import MailChannel
+    except ImportError:  # no Flask-Mail (the mail extra): no mail channel
+        return False
+    return isinstance(channel, MailChannel)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import typing as t
 from pathlib import Path
 
@@ -149,3 +150,89 @@ def test_send_test_in_strict_mode_reports_failure_like_non_strict(
     assert result.exit_code == 1
     assert "FAILED" in result.output, repr(result.exception)
     assert "channel rec is down" in result.output
+
+
+def mail_app(make_app: t.Callable[..., Flask], **config: t.Any) -> Flask:
+    return make_app(
+        NOTIFYQUEUE_CHANNELS={
+            "mail": {"type": "mail", "recipients": ["admin@example.com"]},
+            "rec": {"type": REC},
+        },
+        **config,
+    )
+
+
+def test_send_test_to_sends_the_test_to_that_address_instead(
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
+) -> None:
+    app = mail_app(make_app, **smtp_server.config())
+    result = invoke(app, "send-test", "mail", "--to", "Ops <ops@example.org>")
+    assert result.exit_code == 0, result.output
+    assert smtp_server.envelopes == [["ops@example.org"]]
+    message = smtp_server.messages[0]
+    assert message["To"] == "Ops <ops@example.org>"
+    assert message["Subject"] == "notifyqueue test"
+    assert message.get_content().strip() == (
+        f"Test notification from notifyqueue (app {app.name})."
+    )
+    assert result.output.strip() == (
+        f"Sent {message['X-Notifyqueue-Intent']} via mail to Ops <ops@example.org>."
+    )
+
+
+def test_send_test_to_takes_braces_in_the_address_literally(
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
+) -> None:
+    app = mail_app(make_app, **smtp_server.config())
+    result = invoke(app, "send-test", "mail", "--to", "{app}@example.org")
+    assert result.exit_code == 0, result.output
+    assert smtp_server.envelopes == [["{app}@example.org"]]
+
+
+def test_send_test_to_a_malformed_address_is_a_usage_error(
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
+) -> None:
+    app = mail_app(make_app, **smtp_server.config())
+    result = invoke(app, "send-test", "mail", "--to", "not an address")
+    assert result.exit_code == 2, result.output
+    assert "'--to'" in result.output and "'not an address'" in result.output
+    assert smtp_server.messages == []
+
+
+def test_send_test_to_on_a_channel_that_is_not_mail_is_a_usage_error(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    app = mail_app(make_app)
+    result = invoke(app, "send-test", "rec", "--to", "ops@example.org")
+    assert result.exit_code == 2, result.output
+    assert "only a mail channel has recipients; 'rec' is a" in result.output
+    rec = app.extensions["notifyqueue"].channels["rec"]
+    assert rec.batches == []
+
+
+def test_send_test_mail_with_mail_suppress_send_says_nothing_was_sent(
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
+) -> None:
+    app = mail_app(make_app, **(smtp_server.config() | {"MAIL_SUPPRESS_SEND": True}))
+    result = invoke(app, "send-test", "mail", "--to", "ops@example.org")
+    assert result.exit_code == 0, result.output
+    (line,) = result.output.splitlines()
+    assert re.fullmatch(
+        r"Suppressed [0-9a-f]{32} via mail \(MAIL_SUPPRESS_SEND\):"
+        r" nothing was sent to ops@example\.org\.",
+        line,
+    )
+    assert smtp_server.connections == 0 and smtp_server.messages == []
+
+
+def test_send_test_mail_in_the_sample_app_says_suppressed_not_sent(
+    tmp_path: Path,
+) -> None:
+    from sample_app import create_app
+
+    app = create_app({"SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 's.db'}"})
+    result = invoke(app, "send-test", "mail")
+    assert result.exit_code == 0, result.output
+    assert "Email not sent (MAIL_SUPPRESS_SEND): notifyqueue test" in result.output
+    assert "Suppressed " in result.output
+    assert "Sent " not in result.output
