@@ -173,7 +173,7 @@ class MailChannel(Channel):
         """
         problem = _shape_problem(template, raw=False)
         if problem is not None:
-            raise TemplateError(problem[0].upper() + problem[1:])
+            raise TemplateError(problem)
 
     def render(
         self, template: t.Any, context: t.Mapping[str, t.Any]
