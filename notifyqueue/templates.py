@@ -229,13 +229,24 @@ def _check_field(text: str, field_name: str) -> str:
     return str(first)
 
 
+# Keys of a dict template kept as plain strings, never formatted: a Jinja
+# template's name, and the field path of a mail's attachments.
+_NAME_KEY = "template"
+_PATH_KEY = "attachments"
+
+
 def compile_templates(value: t.Any, where: str) -> t.Any:
     """Compile a channel template given to a decorator.
 
     A ``str`` becomes a :class:`Template`. A dict (the mail channel's shape)
     gets each ``str`` value compiled, and each entry of a list value (such as
     ``recipients``): a list must hold only strings, and becomes a list of
-    templates.
+    templates. Two keys of a dict stay plain strings: ``"template"``, a
+    template's name for a channel that renders it with the call's whole
+    context (Jinja), and ``"attachments"``, the path of a field that holds
+    them (``"files"``, ``"result.files"``), checked like a template's field.
+    Any other value, neither ``str`` nor dict (a :class:`Raw`, a custom
+    channel's own template object), is kept as it is.
 
     :param where: names the template in error messages.
     """
@@ -246,7 +257,17 @@ def compile_templates(value: t.Any, where: str) -> t.Any:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise TemplateError(f"{where}: keys must be strings, got {key!r}.")
-            if isinstance(item, str):
+            if key == _NAME_KEY:
+                if not isinstance(item, str) or not item:
+                    raise TemplateError(
+                        f"{where}[{key!r}] must be a template's name, a non-empty"
+                        f" str such as 'email/confirm', got {item!r}."
+                    )
+                compiled[key] = item
+            elif key == _PATH_KEY:
+                _field_path_root(item, f"{where}[{key!r}]")
+                compiled[key] = item
+            elif isinstance(item, str):
                 compiled[key] = _compile_in(item, f"{where}[{key!r}]")
             elif isinstance(item, (list, tuple)) and all(
                 isinstance(entry, str) for entry in item
@@ -261,25 +282,63 @@ def compile_templates(value: t.Any, where: str) -> t.Any:
                     f" got {type(item).__name__} {item!r}."
                 )
         return compiled
-    raise TemplateError(
-        f"{where} must be a str template or a dict of templates,"
-        f" got {type(value).__name__} {value!r}."
-    )
+    return value
 
 
 def template_fields(value: t.Any) -> frozenset[str]:
-    """Return the top-level field names a compiled template reads."""
+    """Return the top-level field names a compiled template reads.
+
+    An ``"attachments"`` path counts its first name. See
+    :func:`reads_every_field` for templates that read the whole context.
+    """
     if isinstance(value, Template):
         return value.fields
     if isinstance(value, dict):
         fields: set[str] = set()
-        for item in value.values():
+        for key, item in value.items():
             if isinstance(item, Template):
                 fields |= item.fields
             elif isinstance(item, list):
                 fields.update(*(entry.fields for entry in item))
+            elif key == _PATH_KEY:
+                fields.add(_field_path_root(item, key))
         return frozenset(fields)
     return frozenset()
+
+
+def reads_every_field(value: t.Any) -> bool:
+    """Whether a compiled template may read any parameter of the call.
+
+    True for a dict naming a ``"template"`` (a Jinja template reads what it
+    likes) and for a template object that is neither ``str``, dict nor
+    :class:`Raw` (a custom channel's own): its channel is given every
+    parameter (defaults applied) and ``result``. A call whose templates are
+    all ``str.format`` strings gets only the fields they name.
+    """
+    if isinstance(value, (str, Raw)):
+        return False
+    if isinstance(value, dict):
+        return _NAME_KEY in value
+    return True
+
+
+def _field_path_root(path: t.Any, where: str) -> str:
+    """Check a field path (``"files"``, ``"result.files"``); return its first name."""
+    if not isinstance(path, str) or not path:
+        raise TemplateError(
+            f"{where} must name a field, such as 'files' or 'result.files',"
+            f" got {path!r}."
+        )
+    try:
+        root = _check_field(path, path)
+    except TemplateError as exc:
+        raise TemplateError(f"{where}: {exc}") from exc
+    if not root.isidentifier():
+        raise TemplateError(
+            f"{where} is {path!r}, which does not start with a name; name a"
+            " parameter or 'result', such as 'files' or 'result.files'."
+        )
+    return root
 
 
 def _compile_in(text: str, where: str) -> Template:

@@ -13,6 +13,7 @@ from notifyqueue.templates import (
     Template,
     compile_template,
     compile_templates,
+    reads_every_field,
     template_fields,
 )
 
@@ -418,12 +419,70 @@ def test_compile_templates_refuses_a_non_string_key() -> None:
         compile_templates({1: "s"}, "mail=")
 
 
-@pytest.mark.parametrize("value", [5, None, ["{x}"]])
-def test_compile_templates_refuses_a_value_that_is_neither_str_nor_dict(
+@pytest.mark.parametrize("value", [5, None, ["{x}"], Raw("{x}"), object()])
+def test_compile_templates_keeps_a_value_that_is_neither_str_nor_dict(
     value: t.Any,
 ) -> None:
-    with pytest.raises(TemplateError, match="^log= must be a str template or a dict"):
-        compile_templates(value, "log=")
+    assert compile_templates(value, "custom=") is value
+
+
+def test_compile_templates_keeps_a_template_name_as_a_plain_str() -> None:
+    compiled = compile_templates(
+        {"subject": "Hi {user.name}", "template": "email/{confirm}"}, "mail="
+    )
+
+    assert type(compiled["template"]) is str
+    assert compiled["template"] == "email/{confirm}"
+    assert template_fields(compiled) == frozenset({"user"})
+
+
+@pytest.mark.parametrize("name", ["", 5, None, ["email/confirm"]])
+def test_compile_templates_refuses_a_template_name_that_is_not_a_non_empty_str(
+    name: t.Any,
+) -> None:
+    with pytest.raises(
+        TemplateError, match=r"^mail=\['template'\] must be a template's name"
+    ):
+        compile_templates({"subject": "s", "template": name}, "mail=")
+
+
+@pytest.mark.parametrize(
+    ("path", "root"), [("files", "files"), ("result.files", "result")]
+)
+def test_an_attachments_path_is_kept_and_counts_its_first_name(
+    path: str, root: str
+) -> None:
+    compiled = compile_templates({"subject": "s", "attachments": path}, "mail=")
+
+    assert type(compiled["attachments"]) is str
+    assert compiled["attachments"] == path
+    assert template_fields(compiled) == frozenset({root})
+
+
+@pytest.mark.parametrize(
+    "path", ["", 5, "result._files", "files[__x]", "{files}", "a b", "0", ".x"]
+)
+def test_an_attachments_path_is_checked_like_a_template_field(path: t.Any) -> None:
+    with pytest.raises(TemplateError, match=r"^mail=\['attachments'\]"):
+        compile_templates({"subject": "s", "attachments": path}, "mail=")
+
+
+@pytest.mark.parametrize(
+    ("value", "every"),
+    [
+        ("{x}", False),
+        ({"subject": "{x}", "body": "b", "recipients": ["{y}"]}, False),
+        ({"subject": "s", "body": "b", "attachments": "files"}, False),
+        (Raw("{x}"), False),
+        ({"subject": "s", "template": "email/confirm"}, True),
+        (["a custom", "template"], True),
+        (object(), True),
+    ],
+)
+def test_only_a_template_name_or_a_custom_template_reads_every_field(
+    value: t.Any, every: bool
+) -> None:
+    assert reads_every_field(compile_templates(value, "t=")) is every
 
 
 def test_compile_templates_errors_name_where_the_template_is() -> None:
