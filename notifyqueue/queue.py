@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import typing as t
 
 from . import signals
@@ -61,7 +62,17 @@ def enqueue(channel: str, template: t.Any, /, **context: t.Any) -> Intent:
             f"Unknown channel {channel!r}; configured channels:"
             f" {', '.join(state.channels)}. Add it to NOTIFYQUEUE_CHANNELS."
         )
-    return queue_rendered(app, state, ((channel, template),), context, "enqueue")[0]
+    intent = queue_rendered(app, state, ((channel, template),), context, "enqueue")[0]
+    # The source stays "enqueue"; who called it is kept aside, for the warning
+    # about a batch discarded without a commit: two strings that exist
+    # already, joined only if that warning runs.
+    frame = sys._getframe(1)
+    code = frame.f_code
+    intent.__dict__["_caller"] = (
+        frame.f_globals.get("__name__"),
+        getattr(code, "co_qualname", code.co_name),  # co_qualname: Python 3.11+
+    )
+    return intent
 
 
 def finalise(commit: bool = True) -> BatchResult:

@@ -20,6 +20,7 @@ the session (a thread-local ``scoped_session``) lives on.
 
 from __future__ import annotations
 
+import logging
 import typing as t
 import weakref
 from functools import partial
@@ -38,6 +39,15 @@ if t.TYPE_CHECKING:
     from flask.ctx import AppContext
 
 _KEY = "notifyqueue.batch"
+
+logger = logging.getLogger("notifyqueue")
+
+# Endings that are almost always a forgotten commit, warned about: reason ->
+# how the warning says it.
+_FORGOTTEN = {
+    "close": "by close() or remove()",
+    "teardown": "at the end of its app context",
+}
 
 
 class _Batch:
@@ -162,10 +172,12 @@ def _discard_owned(session: Session, owner: AppContext | None, reason: str) -> N
             batch.marks[savepoint] = start
     if not batch.intents and not batch.marks:
         _pop_batch(session)
-    if dropped and batch.app is not None:
-        send_isolated(
-            signals.batch_discarded, batch.app, intents=dropped, reason=reason
-        )
+    if dropped:
+        _warn_forgotten(dropped, reason)
+        if batch.app is not None:
+            send_isolated(
+                signals.batch_discarded, batch.app, intents=dropped, reason=reason
+            )
 
 
 def _pop_batch(session: Session) -> _Batch | None:
@@ -343,6 +355,8 @@ def _discard(batch: _Batch, reason: str) -> None:
     batch.result = BatchResult(
         committed=False, discarded=batch.discarded + batch.intents
     )
+    if batch.intents:
+        _warn_forgotten(batch.intents, reason)
     if batch.intents and batch.app is not None:
         send_isolated(
             signals.batch_discarded,
@@ -350,6 +364,36 @@ def _discard(batch: _Batch, reason: str) -> None:
             intents=list(batch.intents),
             reason=reason,
         )
+
+
+def _warn_forgotten(intents: list[Intent], reason: str) -> None:
+    """Log intents dropped by ``close()`` or teardown, naming who queued them.
+
+    A rollback is deliberate; a batch that ends with its session or app
+    context is almost always a commit the code forgot.
+    """
+    ending = _FORGOTTEN.get(reason)
+    if ending is None:
+        return
+    counts: dict[tuple[str, str], int] = {}
+    for intent in intents:
+        source = intent.source
+        caller = intent.__dict__.get("_caller")
+        if caller is not None:
+            source = f"{source} in {caller[0]}.{caller[1]}"
+        key = (intent.channel, source)
+        counts[key] = counts.get(key, 0) + 1
+    queued_by = "; ".join(
+        f"{channel} from {source}" + (f" ({count} intents)" if count > 1 else "")
+        for (channel, source), count in counts.items()
+    )
+    logger.warning(
+        "%d notification(s) discarded %s without a commit; did the code forget"
+        " to commit? Queued by: %s.",
+        len(intents),
+        ending,
+        queued_by,
+    )
 
 
 _LISTENERS: tuple[tuple[str, t.Callable[..., None]], ...] = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import typing as t
 
@@ -10,7 +11,14 @@ import sqlalchemy as sa
 from flask import Flask, current_app
 from sqlalchemy.orm import scoped_session, sessionmaker
 
-from notifyqueue import Channel, NotifyQueue, enqueue, finalise, signals
+from notifyqueue import (
+    Channel,
+    NotifyQueue,
+    deferred_notify,
+    enqueue,
+    finalise,
+    signals,
+)
 
 from .helpers import Item, RecordingChannel, db
 
@@ -855,3 +863,105 @@ def test_rollback_with_a_savepoint_open_rolls_the_savepoint_back_first(
     assert discards == [("savepoint rollback", ["b"]), ("rollback", ["a"])]
     db.session.commit()
     assert rec.sent == []
+
+
+# A batch discarded by close() or teardown is logged as a forgotten commit
+
+
+@pytest.fixture
+def forgotten(caplog):
+    """The messages of the WARNING records on the notifyqueue logger."""
+    caplog.set_level(logging.WARNING, logger="notifyqueue")
+
+    def messages():
+        return [
+            record.getMessage()
+            for record in caplog.records
+            if record.name == "notifyqueue" and record.levelno == logging.WARNING
+        ]
+
+    return messages
+
+
+@deferred_notify(rec="jumped {height}")
+def jump(height):
+    pass
+
+
+def test_a_batch_closed_with_intents_is_logged_as_a_forgotten_commit(
+    app, rec, ctx, forgotten
+):
+    jump(1)
+    jump(2)
+    db.session.close()
+
+    [message] = forgotten()
+    assert message.startswith("2 notification(s) discarded by close() or remove()")
+    assert "forget to commit" in message
+    assert "rec from tests.test_transaction.jump (2 intents)" in message
+
+
+def test_a_batch_discarded_at_teardown_is_logged_as_a_forgotten_commit(
+    app, rec, forgotten
+):
+    with app.app_context():
+        jump(1)
+
+    [message] = forgotten()
+    assert message.startswith("1 notification(s) discarded at the end of its app")
+    assert "rec from tests.test_transaction.jump." in message
+
+
+def test_what_a_nested_app_context_drops_is_logged_as_a_forgotten_commit(
+    probe_app, forgotten
+):
+    app, session, probe = probe_app
+    with app.app_context():
+        enqueue("probe", "outer")
+        with app.app_context():
+            enqueue("probe", "inner")
+        assert len(forgotten()) == 1
+        session.commit()
+
+    assert forgotten()[0].startswith("1 notification(s) discarded at the end")
+
+
+def test_the_warning_names_the_function_that_called_enqueue(app, rec, ctx, forgotten):
+    add("a")
+    db.session.close()
+
+    [message] = forgotten()
+    assert "rec from enqueue in tests.test_transaction.add." in message
+
+
+def _roll_back_a_savepoint():
+    add("a")
+    with pytest.raises(RuntimeError):
+        with db.session.begin_nested():
+            add("b")
+            raise RuntimeError("undo b")
+    db.session.commit()
+
+
+def _fail_a_commit():
+    add("a")
+    db.session.add(Item(name="a"))
+    with pytest.raises(sa.exc.IntegrityError):
+        finalise()
+
+
+@pytest.mark.parametrize(
+    "end",
+    [
+        pytest.param(lambda: (add("a"), db.session.rollback()), id="rollback"),
+        pytest.param(lambda: (add("a"), finalise(commit=False)), id="finalise-false"),
+        pytest.param(_roll_back_a_savepoint, id="savepoint-rollback"),
+        pytest.param(_fail_a_commit, id="commit-failed"),
+    ],
+)
+def test_rollbacks_and_failed_commits_are_not_logged_as_forgotten(
+    app, rec, ctx, forgotten, end
+):
+    end()
+
+    assert forgotten() == []
