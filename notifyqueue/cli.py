@@ -25,7 +25,14 @@ def list_channels() -> None:
     """List the configured channels, in dispatch order, with their options."""
     _, state = get_state()
     for name, options in state.options.items():
-        shown = {key: value for key, value in options.items() if key != "type"}
+        if name in state.disabled:
+            click.echo(f"{name}: type={options.get('type')} disabled")
+            continue
+        shown = {
+            key: value
+            for key, value in options.items()
+            if key not in ("type", "enabled")
+        }
         click.echo(
             f"{name}: type={options['type']}"
             f" options={json.dumps(shown, sort_keys=True, default=repr)}"
@@ -73,6 +80,7 @@ def send_test(channel: str, address: str | None) -> None:
         if address is not None:
             raise click.BadParameter(str(exc), param_hint="'--to'") from exc
         raise click.ClickException(str(exc)) from exc
+    assert intent is not None  # only a disabled channel queues nothing
     try:
         result = finalise(commit=True)
     except DeliveryError as exc:  # NOTIFYQUEUE_STRICT: report it like the others

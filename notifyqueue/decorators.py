@@ -14,9 +14,12 @@ from .errors import (
     ConfigurationError,
     TemplateError,
 )
-from .extension import get_state
+from .extension import _State, get_state, register_decorated
 from .queue import queue_rendered
-from .templates import compile_templates, template_fields
+from .templates import compile_templates, reads_every_field, template_fields
+
+if t.TYPE_CHECKING:
+    from flask import Flask
 
 P = t.ParamSpec("P")
 R = t.TypeVar("R")
@@ -65,11 +68,20 @@ class _Plan:
 
     Building the context this way costs a few index and dict look-ups per
     call, where ``inspect.Signature.bind`` would cost microseconds.
+
+    :param fields: the fields the templates name.
+    :param every: a template reads the whole context (a Jinja template, a
+        custom channel's template object): every parameter is in it, and
+        ``result``.
     """
 
-    def __init__(self, fn: t.Callable[..., t.Any], fields: t.AbstractSet[str]) -> None:
+    def __init__(
+        self, fn: t.Callable[..., t.Any], fields: t.AbstractSet[str], every: bool
+    ) -> None:
         name = _qualified_name(fn)
         parameters = inspect.signature(fn).parameters
+        if every:
+            fields = {*fields, *parameters, "result"}
         for reserved in ("notify", "result"):
             if reserved in parameters:
                 raise ConfigurationError(
@@ -152,7 +164,7 @@ class _Plan:
 
 
 def deferred_notify(
-    **templates: t.Any,
+    *, when: t.Callable[[t.Any], object] | None = None, **templates: t.Any
 ) -> t.Callable[[t.Callable[P, R]], DeferredFunction[P, R]]:
     """Queue a notification per channel each time the decorated function returns.
 
@@ -160,21 +172,36 @@ def deferred_notify(
     ``str.format`` string for ``log``; a dict with ``"subject"`` and
     ``"body"`` templates, and optionally ``"recipients"``, for ``mail``).
     Fields name the function's parameters (defaults applied) and ``result``,
-    its return value. The intents are rendered right after the function
-    returns and dispatched when the transaction commits.
+    its return value. A template that is not made of ``str.format`` strings
+    (a dict naming a Jinja ``"template"``, a custom channel's own object) is
+    given every parameter and ``result``. The intents are rendered right
+    after the function returns and dispatched when the transaction commits.
+    If a template reads ``result`` and the session holds new objects, the
+    session is flushed first, so their database-assigned ids render.
 
     The wrapper takes one extra keyword, ``notify``: omitted, ``True`` or
     ``None`` for every channel the decorator names, ``False`` for none, or a list of
-    channel names.
+    channel names. A channel the app configures with ``"enabled": False`` is
+    accepted and queued nothing.
 
+    :param when: called with the return value after each call; a false
+        answer queues nothing for that call. What it raises propagates to the
+        caller, and nothing is queued.
     :raises TemplateError: at decoration, for a malformed template or a field
-        that names no parameter.
-    :raises ConfigurationError: at decoration, for a function with its own
-        ``notify`` or ``result`` parameter, or an asynchronous callable (a
-        coroutine or async generator function, or a partial, method or
-        instance whose call is one); at call time, before anything is queued,
-        for a call that returns an awaitable or an async iterator.
+        that names no parameter; or a template the channel of an initialised
+        app refuses (:meth:`~notifyqueue.Channel.check_template`).
+    :raises ConfigurationError: at decoration, for a ``when`` that is not
+        callable, a function with its own ``notify`` or ``result`` parameter,
+        or an asynchronous callable (a coroutine or async generator function,
+        or a partial, method or instance whose call is one); at call time,
+        before anything is queued, for a call that returns an awaitable or an
+        async iterator.
     """
+    if when is not None and not callable(when):
+        raise ConfigurationError(
+            f"@deferred_notify(when={when!r}): when must be a callable that takes"
+            " the return value, for example when=lambda result: result is not None."
+        )
     if not templates:
         raise ConfigurationError(
             "@deferred_notify needs at least one channel template, for example"
@@ -190,46 +217,60 @@ def deferred_notify(
         for name, value in templates.items()
     }
     fields = frozenset().union(*(template_fields(value) for value in compiled.values()))
+    every_field = any(reads_every_field(value) for value in compiled.values())
+    # Channels whose template may read the return value: a call that queues
+    # to one flushes new objects first, so their database-assigned ids render.
+    result_readers = frozenset(
+        name
+        for name, value in compiled.items()
+        if reads_every_field(value) or "result" in template_fields(value)
+    )
     every = tuple(compiled.items())
+    every_flushes = bool(result_readers)
 
     def decorate(fn: t.Callable[P, R]) -> DeferredFunction[P, R]:
         if _is_async_callable(fn):
             raise ConfigurationError(_async_refusal(_qualified_name(fn)))
-        plan = _Plan(fn, fields)
+        plan = _Plan(fn, fields, every_field)
         source = plan.name
 
         @functools.wraps(fn)
         def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
             notify = kwargs.pop("notify", True)
-            selected = (
-                every
-                if notify is True or notify is None
-                else _select(compiled, notify, source)
-            )
+            if notify is True or notify is None:
+                selected, flush = every, every_flushes
+            else:
+                selected = _select(compiled, notify, source)
+                flush = any(name in result_readers for name, _ in selected)
             if not selected:
                 result = fn(*args, **kwargs)
                 if result is not None and _is_async_result(result):
                     _refuse_async_result(result, source)
                 return result
             app, state = get_state()
+            channels = state.channels
             for name, _ in selected:
-                if name not in state.channels:
-                    raise ChannelNotFound(
-                        f"{source}() notifies channel {name!r}, which app"
-                        f" {app.name!r} does not configure; configured channels:"
-                        f" {', '.join(state.channels)}. Add it to"
-                        " NOTIFYQUEUE_CHANNELS or leave it out with notify=[...]."
-                    )
+                if name not in channels:
+                    selected = _enabled(app, state, selected, source)
+                    flush = any(name in result_readers for name, _ in selected)
+                    break
             result = fn(*args, **kwargs)
             # Most functions return None; a cheap guard keeps this off their path.
             if result is not None and _is_async_result(result):
                 _refuse_async_result(result, source)
+            if not selected or (when is not None and not when(result)):
+                return result
+            if flush:
+                session = state.session.registry()
+                if session.new:
+                    session.flush()
             queue_rendered(
                 app, state, selected, plan.context(args, kwargs, result), source
             )
             return result
 
         wrapper.__notifyqueue_templates__ = compiled  # type: ignore[attr-defined]
+        register_decorated(wrapper, source, compiled)
         return t.cast(DeferredFunction[P, R], wrapper)
 
     return decorate
@@ -303,6 +344,24 @@ def _qualified_name(fn: t.Callable[..., t.Any]) -> str:
     if not hasattr(target, "__qualname__"):
         target = type(target)
     return f"{getattr(target, '__module__', None)}.{target.__qualname__}"
+
+
+def _enabled(
+    app: Flask,
+    state: _State,
+    selected: tuple[tuple[str, t.Any], ...],
+    source: str,
+) -> tuple[tuple[str, t.Any], ...]:
+    """Leave out the channels the app disables; refuse those it does not configure."""
+    for name, _ in selected:
+        if name not in state.channels and name not in state.disabled:
+            raise ChannelNotFound(
+                f"{source}() notifies channel {name!r}, which app"
+                f" {app.name!r} does not configure; configured channels:"
+                f" {', '.join(state.options)}. Add it to"
+                " NOTIFYQUEUE_CHANNELS or leave it out with notify=[...]."
+            )
+    return tuple(item for item in selected if item[0] in state.channels)
 
 
 def _select(

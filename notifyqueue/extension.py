@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import threading
 import typing as t
+import weakref
 
 from flask import Flask, appcontext_tearing_down, current_app
 from sqlalchemy.orm import scoped_session
 
 from .channels import Channel, resolve_channel_class
-from .errors import ArgumentTypeError, ConfigurationError, LifecycleError
+from .errors import ArgumentTypeError, ConfigurationError, LifecycleError, TemplateError
 from .intent import Intent
 from .transaction import begin_teardown, end_teardown, watch
 
 _EXTENSION_KEY = "notifyqueue"
 _ORDERS = ("channel", "call")
+# Names a channel cannot have: keywords of @deferred_notify and its wrapper.
+_RESERVED = ("notify", "when")
 
 
 def _defaults() -> dict[str, t.Any]:
@@ -50,6 +54,8 @@ class _State:
     order: str
     strict: bool
     captures: list[_Capture] = dataclasses.field(default_factory=list)
+    disabled: frozenset[str] = frozenset()
+    """Channels configured with ``"enabled": False``: named, never queued to."""
 
     @classmethod
     def from_config(
@@ -85,26 +91,54 @@ class _State:
             )
         channels: dict[str, Channel] = {}
         options: dict[str, dict[str, t.Any]] = {}
+        disabled = set()
         for name, channel_options in configured.items():
-            channels[name] = _build_channel(app, name, channel_options)
+            if _enabled(name, channel_options):
+                channels[name] = _build_channel(app, name, channel_options)
+            else:
+                disabled.add(name)
             options[name] = dict(channel_options)
-        return cls(session, channels, options, order, strict)
+        return cls(
+            session, channels, options, order, strict, disabled=frozenset(disabled)
+        )
+
+
+def _enabled(name: t.Any, options: t.Any) -> bool:
+    """Check a channel's name and its ``enabled`` option; return the option.
+
+    A disabled channel's other options are not checked, nor its type
+    imported: a testing config may leave out what they need.
+    """
+    where = f"NOTIFYQUEUE_CHANNELS[{name!r}]"
+    if not isinstance(name, str) or not name.isidentifier() or name in _RESERVED:
+        raise ConfigurationError(
+            f"{where}: a channel name must be a Python identifier other than"
+            " 'notify' and 'when' (they are keywords of @deferred_notify)."
+        )
+    if not isinstance(options, t.Mapping):
+        raise ConfigurationError(
+            f"{where} must be a dict with a 'type', for example {{'type': 'log'}};"
+            f" got {options!r}."
+        )
+    enabled = options.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigurationError(
+            f"{where}['enabled'] is {enabled!r}; use True or False."
+        )
+    return enabled
 
 
 def _build_channel(app: Flask, name: t.Any, options: t.Any) -> Channel:
     where = f"NOTIFYQUEUE_CHANNELS[{name!r}]"
-    if not isinstance(name, str) or not name.isidentifier() or name == "notify":
-        raise ConfigurationError(
-            f"{where}: a channel name must be a Python identifier other than"
-            " 'notify' (it is a keyword of @deferred_notify)."
-        )
-    if not isinstance(options, t.Mapping) or "type" not in options:
+    if "type" not in options:
         raise ConfigurationError(
             f"{where} must be a dict with a 'type', for example {{'type': 'log'}};"
             f" got {options!r}."
         )
     cls = resolve_channel_class(options["type"], f"{where}['type']")
-    kwargs = {key: value for key, value in options.items() if key != "type"}
+    kwargs = {
+        key: value for key, value in options.items() if key not in ("type", "enabled")
+    }
     signature = inspect.signature(cls)
     try:
         signature.bind(name, **kwargs)
@@ -142,10 +176,19 @@ class NotifyQueue:
     ) -> None:
         """Read and check the config, build the channels, follow the session.
 
+        Every template of every function decorated so far is checked by the
+        channel it names (:meth:`~notifyqueue.Channel.check_template`), where
+        this app configures and enables that channel; functions decorated
+        later are checked when they are decorated. A channel configured with
+        ``"enabled": False`` is not built, nor its type imported.
+
         Everything is checked before anything is registered, so a failure
         leaves the app as it was.
 
         :raises ConfigurationError: a config value or channel option is invalid.
+        :raises TemplateError: a channel refuses a decorated function's
+            template; the message names the function, the channel and the
+            problem.
         :raises LifecycleError: already initialised, or no session to follow.
         """
         if _EXTENSION_KEY in app.extensions:
@@ -162,17 +205,70 @@ class NotifyQueue:
         settings = _defaults()
         settings.update((key, app.config[key]) for key in settings if key in app.config)
         state = _State.from_config(app, session, settings)
-        watch(session)
-        # Only now, so a failed init_app leaves app.config as it was.
-        for key, value in settings.items():
-            app.config.setdefault(key, value)
-        app.extensions[_EXTENSION_KEY] = state
-        app.teardown_appcontext(_teardown)
-        appcontext_tearing_down.connect(_after_teardown, sender=app, weak=False)
+        # Held until the app is registered, so a function decorated meanwhile
+        # in another thread is checked either here or at its decoration.
+        with _registry_lock:
+            for source, templates in list(_decorated.values()):
+                _check_templates(app, state, source, templates)
+            watch(session)
+            # Only now, so a failed init_app leaves app.config as it was.
+            for key, value in settings.items():
+                app.config.setdefault(key, value)
+            app.extensions[_EXTENSION_KEY] = state
+            app.teardown_appcontext(_teardown)
+            appcontext_tearing_down.connect(_after_teardown, sender=app, weak=False)
+            _initialised.add(app)
 
         from .cli import cli
 
         app.cli.add_command(cli)
+
+
+# Decorated functions (wrapper -> its source and compiled templates) and the
+# apps initialised so far, both weakly held: each is checked against the other
+# when it appears. Reentrant: a channel's check_template may decorate.
+_registry_lock = threading.RLock()
+_decorated: weakref.WeakKeyDictionary[t.Callable[..., t.Any], tuple[str, t.Any]] = (
+    weakref.WeakKeyDictionary()
+)
+_initialised: weakref.WeakSet[Flask] = weakref.WeakSet()
+
+
+def register_decorated(
+    function: t.Callable[..., t.Any], source: str, templates: dict[str, t.Any]
+) -> None:
+    """Check a decorated function's templates against every initialised app.
+
+    Then remember them, so an app initialised later checks them too. Only
+    channels an app configures and enables are checked: another app may not
+    use the function at all.
+
+    :param templates: channel name -> compiled template.
+    :raises TemplateError: naming the function, the app and the channel.
+    """
+    with _registry_lock:
+        for app in list(_initialised):
+            state = app.extensions.get(_EXTENSION_KEY)
+            if state is not None:
+                _check_templates(app, state, source, templates)
+        _decorated[function] = (source, templates)
+
+
+def _check_templates(
+    app: Flask, state: _State, source: str, templates: dict[str, t.Any]
+) -> None:
+    for name, template in templates.items():
+        channel = state.channels.get(name)
+        if channel is None:
+            continue  # not configured here, or disabled
+        try:
+            channel.check_template(template)
+        except ValueError as exc:
+            raise TemplateError(
+                f"@deferred_notify on {source}(): channel {name!r} of app"
+                f" {app.name!r} (type {state.options[name]['type']!r}) refuses its"
+                f" template: {exc}"
+            ) from exc
 
 
 def _flask_sqlalchemy_session(app: Flask) -> scoped_session[t.Any]:

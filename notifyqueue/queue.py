@@ -42,7 +42,7 @@ def queue_rendered(
     return intents
 
 
-def enqueue(channel: str, template: t.Any, /, **context: t.Any) -> Intent:
+def enqueue(channel: str, template: t.Any, /, **context: t.Any) -> Intent | None:
     """Queue one intent from code that is not decorated.
 
     It joins the session's current transaction (or the next one it begins),
@@ -50,17 +50,23 @@ def enqueue(channel: str, template: t.Any, /, **context: t.Any) -> Intent:
 
     :param channel: a configured channel's name.
     :param template: the channel's template (a ``str`` for ``log``; a dict
-        with ``subject`` and ``body`` for ``mail``).
+        with ``subject`` and ``body`` for ``mail``). It *is* a template: its
+        braces are fields. Wrap text already rendered in
+        :class:`~notifyqueue.Raw`.
     :param context: the values the template's fields name.
+    :return: the queued intent; ``None`` for a channel configured with
+        ``"enabled": False``, which queues nothing.
     :raises ChannelNotFound: the channel is not configured.
     :raises TemplateError: the template is invalid or a field has no value.
     :raises LifecycleError: no app context, or NotifyQueue not initialised.
     """
     app, state = get_state()
     if channel not in state.channels:
+        if channel in state.disabled:
+            return None
         raise ChannelNotFound(
             f"Unknown channel {channel!r}; configured channels:"
-            f" {', '.join(state.channels)}. Add it to NOTIFYQUEUE_CHANNELS."
+            f" {', '.join(state.options)}. Add it to NOTIFYQUEUE_CHANNELS."
         )
     intent = queue_rendered(app, state, ((channel, template),), context, "enqueue")[0]
     # The source stays "enqueue"; who called it is kept aside, for the warning

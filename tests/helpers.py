@@ -7,7 +7,7 @@ import typing as t
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import Mapped, mapped_column
 
-from notifyqueue import Channel, DeliveryError, Intent
+from notifyqueue import Channel, DeliveryError, Intent, TemplateError
 
 db = SQLAlchemy()
 
@@ -29,10 +29,15 @@ class RecordingChannel(Channel):
         self.fail_on = fail_on
         self.crash = crash
         self.batches: list[list[Intent]] = []
+        self.templates: list[t.Any] = []
 
     @property
     def sent(self) -> list[t.Any]:
         return [intent.payload for batch in self.batches for intent in batch]
+
+    def render(self, template: t.Any, context: t.Mapping[str, t.Any]) -> t.Any:
+        self.templates.append(template)  # as the channel was given it
+        return super().render(template, context)
 
     def send(self, intents: t.Sequence[Intent]) -> None:
         if self.crash:
@@ -52,3 +57,28 @@ class RecordingChannel(Channel):
 class NotAChannel:
     def __init__(self, name: str) -> None:
         self.name = name
+
+
+class ContextChannel(RecordingChannel):
+    """Takes any template; its payload is the template and the context it got."""
+
+    def render(self, template: t.Any, context: t.Mapping[str, t.Any]) -> t.Any:
+        return {"template": template, "context": dict(context)}
+
+
+class StrictChannel(RecordingChannel):
+    """A channel whose ``check_template`` takes only ``{"text": str template}``."""
+
+    def check_template(self, template: t.Any) -> None:
+        if not isinstance(template, dict):
+            raise TemplateError(
+                f"a template of this channel is a dict, got {template!r}."
+            )
+        unknown = sorted(set(template) - {"text"})
+        if unknown:
+            raise TemplateError(f"unknown key {unknown[0]!r}; the only key is 'text'.")
+        if "text" not in template:
+            raise TemplateError("the key 'text' is missing.")
+
+    def render(self, template: t.Any, context: t.Mapping[str, t.Any]) -> t.Any:
+        return super().render(template["text"], context)

@@ -236,3 +236,19 @@ def test_send_test_mail_in_the_sample_app_says_suppressed_not_sent(
     assert "Email not sent (MAIL_SUPPRESS_SEND): notifyqueue test" in result.output
     assert "Suppressed " in result.output
     assert "Sent " not in result.output
+
+
+def test_channels_shows_a_disabled_channel_as_disabled(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    app = make_app(
+        NOTIFYQUEUE_CHANNELS={
+            "rec": {"type": REC, "enabled": True},
+            "mail": {"type": "mail", "enabled": False, "recipients": "unchecked"},
+        }
+    )
+    result = invoke(app, "channels")
+    assert result.exit_code == 0, result.output
+    rec_line, mail_line = result.output.splitlines()[:2]
+    assert rec_line == f"rec: type={REC} options={{}}"
+    assert mail_line == "mail: type=mail disabled"

@@ -7,6 +7,7 @@ import re
 import typing as t
 
 import pytest
+import sqlalchemy as sa
 from flask import Flask
 
 from notifyqueue import (
@@ -15,6 +16,7 @@ from notifyqueue import (
     Intent,
     LifecycleError,
     NotifyQueueError,
+    Raw,
     TemplateError,
     deferred_notify,
     enqueue,
@@ -23,13 +25,25 @@ from notifyqueue import (
 )
 from notifyqueue.testing import capture
 
-from .helpers import RecordingChannel
+from .conftest import require_postgres
+from .helpers import ContextChannel, Item, RecordingChannel, db
+
+CONTEXT = {"type": "tests.helpers:ContextChannel"}
 
 
 @pytest.fixture
-def database_url(tmp_path: t.Any) -> str:
-    """The decorator does not depend on the database: SQLite is enough here."""
+def database_url(request: pytest.FixtureRequest, tmp_path: t.Any) -> str:
+    """SQLite: most of the decorator does not depend on the database.
+
+    A test that flushes asks for both with
+    ``@pytest.mark.parametrize("database_url", BOTH_DATABASES, indirect=True)``.
+    """
+    if getattr(request, "param", "sqlite") == "postgresql":
+        return require_postgres()
     return f"sqlite:///{tmp_path / 'test.db'}"
+
+
+BOTH_DATABASES = ["sqlite", "postgresql"]
 
 
 @pytest.fixture
@@ -509,15 +523,6 @@ def test_underscore_attribute_or_key_fails_at_decoration(template: t.Any) -> Non
             pass
 
 
-@pytest.mark.parametrize("template", [5, ["{froggy.id}"], None])
-def test_non_string_template_fails_at_decoration(template: t.Any) -> None:
-    with pytest.raises(ValueError, match="must be a str template"):
-
-        @deferred_notify(rec=template)
-        def jump(froggy: Froggy) -> None:
-            pass
-
-
 def test_function_with_a_notify_parameter_is_refused() -> None:
     with pytest.raises(ValueError, match="'notify' is\\s+reserved"):
 
@@ -943,3 +948,246 @@ def test_intent_queued_is_sent_with_the_app_and_the_intent(
     assert [set(kwargs) for _, kwargs in sent] == [{"intent"}, {"intent"}]
     assert sent[1][1]["intent"] is intent
     assert [kwargs["intent"] for _, kwargs in sent] == result.dispatched
+
+
+# -- templates that read the whole context ------------------------------------
+
+
+@pytest.fixture
+def context_channel(make_app: t.Callable[..., Flask]) -> t.Iterator[ContextChannel]:
+    """A channel that takes any template and keeps the context it was given."""
+    app = make_app(NOTIFYQUEUE_CHANNELS={"ctx": CONTEXT})
+    with app.app_context():
+        channel = app.extensions["notifyqueue"].channels["ctx"]
+        yield channel
+
+
+def test_a_template_name_gets_every_parameter_defaults_applied_and_the_result(
+    context_channel: ContextChannel,
+) -> None:
+    @deferred_notify(ctx={"subject": "Hello", "template": "email/confirm"})
+    def confirm(
+        user: str, /, code: int, *extra: int, greeting: str = "Hi", **options: int
+    ) -> str:
+        return f"{user}:{code}"
+
+    confirm("kermit", 7, 8, 9, colour=3)
+
+    [intent] = [i for i in finalise().dispatched]
+    assert intent.payload["template"]["template"] == "email/confirm"
+    assert intent.payload["context"] == {
+        "user": "kermit",
+        "code": 7,
+        "extra": (8, 9),
+        "greeting": "Hi",
+        "options": {"colour": 3},
+        "result": "kermit:7",
+    }
+
+
+def test_a_custom_template_object_is_kept_and_gets_every_parameter(
+    context_channel: ContextChannel,
+) -> None:
+    template = ["a custom channel's", "template"]
+
+    @deferred_notify(ctx=template)
+    def jump(froggy: str, height: int = 2) -> None:
+        pass
+
+    jump("kermit")
+
+    [intent] = finalise().dispatched
+    assert intent.payload["template"] is template
+    assert intent.payload["context"] == {
+        "froggy": "kermit",
+        "height": 2,
+        "result": None,
+    }
+
+
+def test_format_string_templates_get_only_the_fields_they_name(
+    context_channel: ContextChannel,
+) -> None:
+    @deferred_notify(ctx={"subject": "Jump {froggy}", "body": "b"})
+    def jump(froggy: str, height: int = 2) -> str:
+        return "done"
+
+    jump("kermit")
+
+    [intent] = finalise().dispatched
+    assert intent.payload["context"] == {"froggy": "kermit"}
+
+
+def test_an_attachments_path_must_name_a_parameter_or_result() -> None:
+    with pytest.raises(TemplateError, match="'files' names no parameter"):
+
+        @deferred_notify(rec={"subject": "s", "body": "b", "attachments": "files"})
+        def report(name: str) -> None:
+            pass
+
+
+# -- when= --------------------------------------------------------------------
+
+
+def test_when_decides_from_each_return_value_whether_the_call_queues(
+    ctx: None, queued: list[Intent]
+) -> None:
+    answers: list[t.Any] = []
+
+    def succeeded(result: t.Any) -> bool:
+        answers.append(result)
+        return result is not None
+
+    @deferred_notify(rec="saved {name}", when=succeeded)
+    def save(name: str, ok: bool) -> str | None:
+        return name if ok else None
+
+    assert save("a", True) == "a"
+    assert save("b", False) is None
+
+    assert answers == ["a", None]
+    assert payloads(queued) == ["saved a"]
+
+
+def test_when_that_raises_propagates_and_queues_nothing(
+    ctx: None, queued: list[Intent]
+) -> None:
+    def broken(result: t.Any) -> bool:
+        raise KeyError("no status")
+
+    @deferred_notify(rec="saved", when=broken)
+    def save() -> None:
+        pass
+
+    with pytest.raises(KeyError, match="no status"):
+        save()
+    assert queued == []
+
+
+@pytest.mark.parametrize("when", [True, "result.ok", 1])
+def test_when_that_is_not_callable_is_refused_at_decoration(when: t.Any) -> None:
+    with pytest.raises(ConfigurationError, match="when must be a callable"):
+        deferred_notify(rec="saved", when=when)
+
+
+# -- new rows' ids ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("database_url", BOTH_DATABASES, indirect=True)
+def test_a_template_reading_result_renders_the_id_of_a_row_the_call_added(
+    ctx: None, queued: list[Intent]
+) -> None:
+    @deferred_notify(rec="created {result.id}")
+    def create(name: str) -> Item:
+        item = Item(name=name)
+        db.session.add(item)
+        return item
+
+    item = create("kermit")
+
+    assert item.id is not None
+    assert payloads(queued) == [f"created {item.id}"]
+
+
+@pytest.mark.parametrize("database_url", BOTH_DATABASES, indirect=True)
+def test_a_failing_flush_propagates_before_anything_is_queued(
+    ctx: None, queued: list[Intent]
+) -> None:
+    db.session.add(Item(name="kermit"))
+    db.session.commit()
+
+    @deferred_notify(rec="created {result.id}")
+    def create(name: str) -> Item:
+        item = Item(name=name)
+        db.session.add(item)
+        return item
+
+    with pytest.raises(sa.exc.IntegrityError):
+        create("kermit")
+    assert queued == []
+    db.session.rollback()
+
+
+@pytest.mark.parametrize("database_url", BOTH_DATABASES, indirect=True)
+def test_a_call_whose_templates_do_not_read_result_never_flushes(
+    ctx: None, queued: list[Intent]
+) -> None:
+    @deferred_notify(rec="creating {name}")
+    def create(name: str) -> Item:
+        item = Item(name=name)
+        db.session.add(item)
+        return item
+
+    item = create("kermit")
+
+    assert item in db.session.new
+    assert item.id is None
+    assert payloads(queued) == ["creating kermit"]
+
+
+# -- disabled channels --------------------------------------------------------
+
+
+@pytest.fixture
+def mail_disabled(make_app: t.Callable[..., Flask]) -> t.Iterator[Flask]:
+    app = make_app(
+        NOTIFYQUEUE_CHANNELS={
+            "rec": {"type": "tests.helpers:RecordingChannel"},
+            "mail": {"type": "mail", "enabled": False},
+        }
+    )
+    with app.app_context():
+        yield app
+
+
+def test_a_disabled_channel_is_accepted_by_every_call_and_queued_nothing(
+    mail_disabled: Flask,
+) -> None:
+    @deferred_notify(rec="saved {name}", mail={"subject": "Saved", "body": "{name}"})
+    def save(name: str) -> str:
+        return name
+
+    assert save("a") == "a"
+    assert save("b", notify=["mail"]) == "b"
+    save("c", notify=["mail", "rec"])
+
+    assert [(i.channel, i.payload) for i in finalise().dispatched] == [
+        ("rec", "saved a"),
+        ("rec", "saved c"),
+    ]
+
+
+def test_a_channel_neither_configured_nor_disabled_still_raises(
+    mail_disabled: Flask,
+) -> None:
+    calls: list[str] = []
+
+    @deferred_notify(mail={"subject": "Saved", "body": "b"}, sms="saved")
+    def save(name: str) -> None:
+        calls.append(name)
+
+    with pytest.raises(ChannelNotFound, match="channel 'sms', which app"):
+        save("a")
+    assert calls == []
+
+
+def test_enqueue_to_a_disabled_channel_queues_nothing_and_returns_none(
+    mail_disabled: Flask,
+) -> None:
+    assert enqueue("mail", {"subject": "s", "body": "b"}) is None
+    assert finalise().dispatched == []
+
+
+# -- Raw ----------------------------------------------------------------------
+
+
+def test_a_raw_payload_reaches_the_channels_render_untouched(
+    ctx: None, rec: RecordingChannel
+) -> None:
+    raw = Raw("p {color: red} {user.id}")
+
+    intent = enqueue("rec", raw)
+
+    assert rec.templates == [raw]
+    assert rec.templates[0] is raw
+    assert intent.payload == "p {color: red} {user.id}"

@@ -17,6 +17,8 @@ from notifyqueue import (
     Intent,
     LifecycleError,
     NotifyQueue,
+    TemplateError,
+    deferred_notify,
     enqueue,
     finalise,
     signals,
@@ -421,6 +423,21 @@ BAD_CONFIGS = [
         id="name-notify",
     ),
     pytest.param(
+        {"NOTIFYQUEUE_CHANNELS": {"when": {"type": "log"}}},
+        re.escape("NOTIFYQUEUE_CHANNELS['when']") + ".*'notify' and 'when'",
+        id="name-when",
+    ),
+    pytest.param(
+        {"NOTIFYQUEUE_CHANNELS": {"x": {"type": "log", "enabled": "no"}}},
+        re.escape("NOTIFYQUEUE_CHANNELS['x']['enabled'] is 'no'; use True or False"),
+        id="enabled-str",
+    ),
+    pytest.param(
+        {"NOTIFYQUEUE_CHANNELS": {"x": {"type": "log", "enabled": 0}}},
+        re.escape("NOTIFYQUEUE_CHANNELS['x']['enabled'] is 0"),
+        id="enabled-int",
+    ),
+    pytest.param(
         {"NOTIFYQUEUE_CHANNELS": {"not-an-identifier": {"type": "log"}}},
         re.escape("NOTIFYQUEUE_CHANNELS['not-an-identifier']") + ".*identifier",
         id="name-not-identifier",
@@ -595,3 +612,154 @@ def test_app_without_init_app_raises_naming_init_app(
         ) as excinfo:
             call()
     assert isinstance(excinfo.value, LifecycleError)
+
+
+# --- disabled channels -------------------------------------------------------
+
+
+def test_a_disabled_channel_is_neither_built_nor_checked_nor_imported(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    app = make_app(
+        NOTIFYQUEUE_CHANNELS={
+            "rec": REC,
+            "mail": {"type": "mail", "enabled": False, "recipients": "not a list"},
+            "sms": {"type": "no_such_package.sms:SMSChannel", "enabled": False},
+            "pager": {"enabled": False},
+        }
+    )
+
+    state = app.extensions["notifyqueue"]
+    assert list(state.channels) == ["rec"]
+    assert state.disabled == {"mail", "sms", "pager"}
+
+
+def test_enabled_is_not_passed_to_the_channel_class(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    app = make_app(NOTIFYQUEUE_CHANNELS={"rec": {**REC, "enabled": True}})
+
+    with app.app_context():
+        enqueue("rec", "sent")
+        finalise()
+    assert channel(app, "rec").sent == ["sent"]
+
+
+# --- start-up template checks ------------------------------------------------
+
+
+def strict_app(make_app: t.Callable[..., Flask], name: str, **options: t.Any) -> Flask:
+    """An app, not yet initialised, whose channel ``name`` checks templates.
+
+    Each test names its channel for itself: apps of other tests may not be
+    collected yet, and a check runs against every initialised app.
+    """
+    return make_app(
+        init=False,
+        NOTIFYQUEUE_CHANNELS={
+            "rec": REC,
+            name: {"type": "tests.helpers:StrictChannel", **options},
+        },
+    )
+
+
+def test_init_app_checks_the_templates_of_functions_decorated_before(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    app = strict_app(make_app, "strict_before")
+
+    @deferred_notify(rec="saved {name}", strict_before={"txt": "saved {name}"})
+    def save(name: str) -> None:
+        pass
+
+    with pytest.raises(TemplateError) as excinfo:
+        NotifyQueue(app)
+
+    message = str(excinfo.value)
+    assert f"{__name__}.{save.__qualname__}()" in message
+    assert "channel 'strict_before'" in message
+    assert "unknown key 'txt'" in message
+    assert "notifyqueue" not in app.extensions
+    assert "notifyqueue" not in app.cli.commands
+
+
+def test_a_function_decorated_after_init_app_is_checked_at_decoration(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    app = strict_app(make_app, "strict_after")
+    NotifyQueue(app)
+
+    with pytest.raises(TemplateError) as excinfo:
+
+        @deferred_notify(strict_after={})
+        def save(name: str) -> None:
+            pass
+
+    message = str(excinfo.value)
+    assert ".save()" in message
+    assert f"channel 'strict_after' of app {app.name!r}" in message
+    assert "the key 'text' is missing" in message
+
+
+def test_templates_an_app_accepts_pass_its_checks(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    @deferred_notify(strict_ok={"text": "saved {name}"})
+    def save(name: str) -> None:
+        pass
+
+    app = strict_app(make_app, "strict_ok")
+    NotifyQueue(app)
+
+    with app.app_context():
+        save("a")
+        finalise()
+    assert channel(app, "strict_ok").sent == ["saved a"]
+
+
+def test_template_checks_skip_channels_an_app_lacks_or_disables(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    @deferred_notify(rec="saved", strict_off="not a dict")
+    def save() -> None:
+        pass
+
+    NotifyQueue(make_app(init=False, NOTIFYQUEUE_CHANNELS={"rec": REC}))
+    NotifyQueue(strict_app(make_app, "strict_off", enabled=False))
+
+
+def test_a_collected_decorated_function_is_no_longer_checked(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    @deferred_notify(strict_gone="not a dict")
+    def save() -> None:
+        pass
+
+    del save
+    gc.collect()
+
+    NotifyQueue(strict_app(make_app, "strict_gone"))
+
+
+def test_init_app_checks_mail_templates_with_the_mail_channel(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    app = make_app(
+        init=False,
+        NOTIFYQUEUE_CHANNELS={
+            "rec": REC,
+            "mail_checked": {"type": "mail", "recipients": ["admins@example.com"]},
+        },
+    )
+
+    @deferred_notify(mail_checked={"subjct": "Saved {name}", "body": "{name}"})
+    def save(name: str) -> None:
+        pass
+
+    with pytest.raises(TemplateError) as excinfo:
+        NotifyQueue(app)
+
+    message = str(excinfo.value)
+    assert ".save()" in message
+    assert "channel 'mail_checked'" in message
+    assert "'subjct'" in message
