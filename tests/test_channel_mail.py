@@ -695,11 +695,11 @@ def test_template_shape_error_raises_at_enqueue(
         pytest.param({**TEMPLATE, "replyto": "Saved {name}"}, id="unknown-key"),
     ],
 )
-def test_template_shape_error_raises_by_the_decorated_call_at_the_latest(
+def test_template_shape_error_raises_at_decoration_once_an_app_is_initialised(
     make_app: t.Callable[..., Flask], smtp_server: SMTPServer, template: t.Any
 ) -> None:
-    # MailChannel.check_template lets the decorator refuse it when it runs
-    # (the app is initialised); render refuses it at the call in any case.
+    # The app is initialised, so MailChannel.check_template refuses the
+    # template when the decorator runs, before any call.
     app = _mail_app(make_app, smtp_server)
     with app.app_context():
         with pytest.raises(TemplateError, match=r"(?i)channel 'mail'"):
@@ -708,7 +708,6 @@ def test_template_shape_error_raises_by_the_decorated_call_at_the_latest(
             def save_item(name: str) -> str:
                 return name
 
-            save_item("x")
         result = finalise()
 
     assert result.dispatched == []
