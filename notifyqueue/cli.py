@@ -55,12 +55,27 @@ def send_test(channel: str, address: str | None) -> None:
     ``MAIL_SUPPRESS_SEND`` builds the message and sends nothing, and says so.
     """
     _, state = get_state()
+    if channel in state.disabled:
+        raise click.BadParameter(
+            f"channel {channel!r} is disabled ('enabled': False in"
+            " NOTIFYQUEUE_CHANNELS), so it sends nothing; enable it to test it.",
+            param_hint="CHANNEL",
+        )
     if channel not in state.channels:
         raise click.BadParameter(
             f"unknown channel {channel!r}; configured: {', '.join(state.channels)}.",
             param_hint="CHANNEL",
         )
     is_mail = _is_mail(state.channels[channel])
+    if (
+        is_mail
+        and address is None
+        and not getattr(state.channels[channel], "recipients", None)
+    ):
+        raise click.UsageError(
+            f"channel {channel!r} has no 'recipients' option, so its test mail has"
+            " nobody to go to; pass --to ADDRESS."
+        )
     template = state.channels[channel].test_template
     if address is not None:
         if not is_mail:
@@ -80,7 +95,8 @@ def send_test(channel: str, address: str | None) -> None:
         if address is not None:
             raise click.BadParameter(str(exc), param_hint="'--to'") from exc
         raise click.ClickException(str(exc)) from exc
-    assert intent is not None  # only a disabled channel queues nothing
+    if intent is None:  # pragma: no cover - only a disabled channel, refused above
+        raise click.ClickException(f"channel {channel!r} queued nothing.")
     try:
         result = finalise(commit=True)
     except DeliveryError as exc:  # NOTIFYQUEUE_STRICT: report it like the others

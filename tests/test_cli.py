@@ -252,3 +252,33 @@ def test_channels_shows_a_disabled_channel_as_disabled(
     rec_line, mail_line = result.output.splitlines()[:2]
     assert rec_line == f"rec: type={REC} options={{}}"
     assert mail_line == "mail: type=mail disabled"
+
+
+def test_send_test_on_a_disabled_channel_says_it_is_disabled(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    app = make_app(
+        NOTIFYQUEUE_CHANNELS={
+            "rec": {"type": REC},
+            "mail": {"type": "mail", "enabled": False},
+        }
+    )
+    result = invoke(app, "send-test", "mail")
+    assert result.exit_code == 2, result.output
+    assert "channel 'mail' is disabled ('enabled': False" in result.output
+
+
+def test_send_test_mail_without_recipients_asks_for_to(
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
+) -> None:
+    app = make_app(
+        NOTIFYQUEUE_CHANNELS={"mail": {"type": "mail"}}, **smtp_server.config()
+    )
+    result = invoke(app, "send-test", "mail")
+    assert result.exit_code == 2, result.output
+    assert "has no 'recipients' option" in result.output
+    assert "pass --to ADDRESS" in result.output
+    assert smtp_server.connections == 0
+    result = invoke(app, "send-test", "mail", "--to", "ops@example.org")
+    assert result.exit_code == 0, result.output
+    assert smtp_server.envelopes == [["ops@example.org"]]
