@@ -68,10 +68,8 @@ def update_froggy_colour(froggy: Froggy, colour: str) -> None:
 
 @deferred_notify(
     log="Made froggy jump: {froggy.id}; jump height: {jump_height}",
-    mail={
-        "subject": "Made froggy jump",
-        "body": "Froggy: {froggy.id}; jump height: {jump_height}",
-    },
+    # Text and HTML from templates/email/froggy_jump.txt and .html (Jinja).
+    mail={"subject": "Made froggy jump", "template": "email/froggy_jump"},
 )
 def make_froggy_jump(froggy: Froggy, jump_height: str) -> None:
     froggy.is_jumping = True

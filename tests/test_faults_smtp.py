@@ -109,7 +109,9 @@ def test_a_fault_on_one_message_fails_it_alone(
     delivered = mail_ids(notifications["dispatched"])
     # The server received exactly the messages reported delivered, in order.
     assert smtp_server.intent_ids() == delivered
-    assert [m.get_content().strip() for m in smtp_server.messages] == [
+    assert [
+        m.get_body(("plain",)).get_content().strip() for m in smtp_server.messages
+    ] == [
         f"Froggy: {froggy_id}; new colour: {colour}"
         for froggy_id, colour in [(ids[0], "red"), (ids[2], "gold")]
     ]

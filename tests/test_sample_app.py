@@ -95,7 +95,7 @@ def kermit_id(operation: t.Any, kermit: int) -> t.Any:
 
 def emails(smtp_server: SMTPServer) -> list[tuple[str, str]]:
     return [
-        (message["Subject"], message.get_content().strip())
+        (message["Subject"], message.get_body(("plain",)).get_content().strip())
         for message in smtp_server.messages
     ]
 
@@ -193,6 +193,27 @@ def test_a_jump_commits_then_logs_then_mails(
     assert emails(smtp_server) == [
         ("Made froggy jump", f"Froggy: {froggy_id}; jump height: 2 metres")
     ]
+
+
+def test_the_jump_email_is_text_and_html_from_jinja_files_escaped_in_html(
+    froggy_app: Flask, client: FlaskClient, smtp_server: SMTPServer
+) -> None:
+    (froggy_id,) = add_froggies(froggy_app, "Kermit")
+    height = '<b>2</b> & "metres"'
+    response = client.post(f"/froggies/{froggy_id}/jump", json={"jump_height": height})
+
+    assert response.status_code == 200
+    [message] = smtp_server.messages
+    assert message.get_content_type() == "multipart/alternative"
+    plain, html = message.iter_parts()
+    assert plain.get_content_type() == "text/plain"
+    assert plain.get_content_charset() == "utf-8"
+    assert plain.get_content().strip() == f"Froggy: {froggy_id}; jump height: {height}"
+    assert html.get_content_type() == "text/html"
+    assert html.get_content().strip() == (
+        f"<p>Froggy <b>{froggy_id}</b> jumped:"
+        " <b>&lt;b&gt;2&lt;/b&gt; &amp; &#34;metres&#34;</b>.</p>"
+    )
 
 
 def test_brightpink_and_highjump_is_one_transaction_two_log_lines_one_email(

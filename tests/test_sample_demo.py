@@ -125,7 +125,10 @@ def test_demo_prints_the_four_lines_then_the_email_then_a_failed_commit(
     assert message["From"] == "froggy-api@example.com"
     assert message["To"] == "froggy-admins@example.com"
     assert re.fullmatch(r"[0-9a-f]{32}", message["X-Notifyqueue-Intent"])
-    assert message.get_content().strip() == "Froggy: 123; jump height: 50 metres"
+    assert (
+        message.get_body(("plain",)).get_content().strip()
+        == "Froggy: 123; jump height: 50 metres"
+    )
 
     # The failed commit: its error, and not one notification.
     ((level, text),) = log_lines(failed)

@@ -657,7 +657,8 @@ def check_notifications(
     assert [m["X-Notifyqueue-Intent"] for m in emails] == mail_ids
     # SMTP carries the body with CRLF line ends.
     contents = [
-        m.get_content().replace("\r\n", "\n").removesuffix("\n") for m in emails
+        m.get_body(("plain",)).get_content().replace("\r\n", "\n").removesuffix("\n")
+        for m in emails
     ]
     assert [(m["Subject"], c) for m, c in zip(emails, contents, strict=True)] == [
         (SUBJECTS[c.kind], mail_body(c.kind, c.froggy_id, c.value)) for c in mailed
