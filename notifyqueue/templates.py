@@ -38,11 +38,8 @@ class Template(str):
         """
         try:
             return self._fill(context)
-        except (KeyError, AttributeError, IndexError, TypeError, ValueError) as exc:
-            raise TemplateError(
-                f"Cannot render template {str(self)!r}: {type(exc).__name__}: {exc}."
-                " Check that the context has every field the template names."
-            ) from exc
+        except _RENDER_ERRORS as exc:
+            raise self._render_error(exc) from exc
 
     def __reduce__(self) -> tuple[t.Any, ...]:
         # Compiled again on unpickling: the generated function cannot travel.
@@ -57,15 +54,7 @@ class Template(str):
         # Fast path: no value brought a line break, so nothing needs escaping.
         if text.count("\n") + text.count("\r") == self._line_breaks:
             return text
-        parts = []
-        for literal, field_name, spec, conversion in self._parsed:
-            parts.append(literal)
-            if field_name is not None:
-                value, _ = _formatter.get_field(field_name, (), context)
-                value = _formatter.convert_field(value, conversion)
-                formatted = format(value, spec or "")
-                parts.append(formatted.replace("\r", "\\r").replace("\n", "\\n"))
-        return "".join(parts)
+        return self._render_each(context, _one_line)
 
     def render_html(self, context: t.Mapping[str, t.Any]) -> str:
         """Like :meth:`render`, but each value is HTML-escaped (for an HTML part).
@@ -79,6 +68,12 @@ class Template(str):
         """
         if not self.fields:
             return self.render(context)
+        return self._render_each(context, _html)
+
+    def _render_each(
+        self, context: t.Mapping[str, t.Any], finish: t.Callable[[t.Any, str], str]
+    ) -> str:
+        """Render field by field; ``finish(value, formatted)`` gives each one's text."""
         parts = []
         try:
             for literal, field_name, spec, conversion in self._parsed:
@@ -86,16 +81,27 @@ class Template(str):
                 if field_name is not None:
                     value, _ = _formatter.get_field(field_name, (), context)
                     value = _formatter.convert_field(value, conversion)
-                    formatted = format(value, spec or "")
-                    if not isinstance(value, Markup):
-                        formatted = escape(formatted)
-                    parts.append(str(formatted))
-        except (KeyError, AttributeError, IndexError, TypeError, ValueError) as exc:
-            raise TemplateError(
-                f"Cannot render template {str(self)!r}: {type(exc).__name__}: {exc}."
-                " Check that the context has every field the template names."
-            ) from exc
+                    parts.append(finish(value, format(value, spec or "")))
+        except _RENDER_ERRORS as exc:
+            raise self._render_error(exc) from exc
         return "".join(parts)
+
+    def _render_error(self, exc: Exception) -> TemplateError:
+        return TemplateError(
+            f"Cannot render template {str(self)!r}: {type(exc).__name__}: {exc}."
+            " Check that the context has every field the template names."
+        )
+
+
+_RENDER_ERRORS = (KeyError, AttributeError, IndexError, TypeError, ValueError)
+
+
+def _one_line(value: t.Any, formatted: str) -> str:
+    return formatted.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _html(value: t.Any, formatted: str) -> str:
+    return formatted if isinstance(value, Markup) else str(escape(formatted))
 
 
 class Raw:
