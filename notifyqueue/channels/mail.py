@@ -205,19 +205,10 @@ class MailChannel(Channel):
                 )
         size = 0
         if body is not None:
-            # isascii() is O(1) in CPython: the common body skips the scan.
-            if body.isascii():
-                size += len(body)
-            else:
-                check_encodable("the body", body)
-                size += len(body.encode())
+            size += _encoded_size("the body", body)
             payload["body"] = body
         if html is not None:
-            if html.isascii():
-                size += len(html)
-            else:
-                check_encodable("the HTML part", html)
-                size += len(html.encode())
+            size += _encoded_size("the HTML part", html)
             payload["html"] = html
         if "recipients" in template:
             recipients = self._addresses(
@@ -627,6 +618,15 @@ def _attachments(files: t.Any, where: str) -> tuple[list[dict[str, str]], int]:
         size += len(data)
         entries.append(entry)
     return entries, size
+
+
+def _encoded_size(what: str, text: str) -> int:
+    """The UTF-8 size of ``text``, refusing a lone surrogate (it cannot be sent)."""
+    # isascii() is O(1) in CPython: the common text skips the scan.
+    if text.isascii():
+        return len(text)
+    check_encodable(what, text)
+    return len(text.encode())
 
 
 def _send_dispatched(app: Flask, message: _Message, intent: Intent) -> None:
