@@ -11,16 +11,11 @@ import socket
 import time
 import typing as t
 from collections.abc import Mapping
-from email import charset as _charset
-from email import policy
-from email.mime.base import MIMEBase
-from email.mime.multipart import MIMEMultipart
-from email.mime.nonmultipart import MIMENonMultipart
-from email.utils import formataddr, formatdate
+from email.utils import formataddr
 
 import jinja2
 from flask import current_app, render_template
-from flask_mail import Attachment, Connection, Message, email_dispatched
+from flask_mail import email_dispatched
 
 from ..errors import ConfigurationError, DeliveryError, PayloadError, TemplateError
 from ..templates import Raw, Template, compile_template
@@ -31,10 +26,9 @@ from .mail_headers import (
     check_content_type,
     check_encodable,
     check_header,
-    format_address,
-    format_disposition,
-    format_subject,
 )
+from .mail_message import MailAttachment, MailMessage
+from .mail_smtp import SMTPConnection, close, reset, unreachable_error
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -159,7 +153,7 @@ class MailChannel(Channel):
         # each message is then a copy of one Message() built here, with its
         # own lists and dicts, and a Message-ID made of its intent id.
         self._domain = socket.getfqdn()
-        prototype = vars(_Message(sender=sender))
+        prototype = vars(MailMessage(sender=sender))
         self._prototype = prototype
         self._containers = tuple(
             key for key, value in prototype.items() if isinstance(value, (list, dict))
@@ -279,7 +273,7 @@ class MailChannel(Channel):
         app = current_app._get_current_object()  # type: ignore[attr-defined]
         max_emails = self._mail.max_emails
         failures: dict[str, BaseException] = {}
-        connection: _Connection | None = None
+        connection: SMTPConnection | None = None
         unreachable: BaseException | None = None
         sent = 0
         try:
@@ -289,11 +283,11 @@ class MailChannel(Channel):
                     continue
                 if connection is None:
                     try:
-                        connection = _Connection(
+                        connection = SMTPConnection(
                             self._mail, self.timeout, self._domain
                         ).__enter__()
                     except OSError as exc:  # smtplib's errors are OSErrors too
-                        unreachable = failures[intent.id] = _unreachable(
+                        unreachable = failures[intent.id] = unreachable_error(
                             exc, self._mail
                         )
                         continue
@@ -318,7 +312,7 @@ class MailChannel(Channel):
                     # Whether this one arrived is unknown; it is not retried
                     # (at most once). The next message opens a new connection.
                     failures[intent.id] = exc
-                    _close(connection)
+                    close(connection)
                     connection = None
                     continue
                 except Exception as exc:
@@ -326,21 +320,21 @@ class MailChannel(Channel):
                     # it does not handle: this message alone fails. It may have
                     # left an SMTP transaction half open, so reset that.
                     failures[intent.id] = exc
-                    if not _reset(connection):
+                    if not reset(connection):
                         connection = None
                     continue
                 sent += 1
                 if sent == max_emails:
                     # MAIL_MAX_EMAILS: the next message opens a new connection.
-                    _close(connection)
+                    close(connection)
                     connection = None
         finally:
             if connection is not None:
-                _close(connection)
+                close(connection)
         if failures:
             raise DeliveryError(failures)
 
-    def _deliver(self, app: Flask, connection: _Connection, intent: Intent) -> None:
+    def _deliver(self, app: Flask, connection: SMTPConnection, intent: Intent) -> None:
         """Build and send one message, then send Flask-Mail's ``email_dispatched``.
 
         Flask-Mail's ``Connection.send`` in steps, so that an exception is
@@ -385,9 +379,9 @@ class MailChannel(Channel):
         if email_dispatched.receivers:
             _send_dispatched(app, message, intent)
 
-    def _message(self, intent: Intent) -> _Message:
+    def _message(self, intent: Intent) -> MailMessage:
         payload = intent.payload
-        message = _Message.__new__(_Message)
+        message = MailMessage.__new__(MailMessage)
         fields = vars(message)
         fields.update(self._prototype)
         for key in self._containers:
@@ -402,7 +396,7 @@ class MailChannel(Channel):
         message.reply_to = payload.get("reply_to")
         message.sender = payload["sender"]
         message.attachments = [
-            _Attachment(
+            MailAttachment(
                 entry["filename"],
                 entry["content_type"],
                 base64.b64decode(entry["data_base64"], validate=True),
@@ -629,7 +623,7 @@ def _encoded_size(what: str, text: str) -> int:
     return len(text.encode())
 
 
-def _send_dispatched(app: Flask, message: _Message, intent: Intent) -> None:
+def _send_dispatched(app: Flask, message: MailMessage, intent: Intent) -> None:
     """Send ``email_dispatched`` so that a receiver that raises stops no other.
 
     The server has already accepted the message, so it counts as delivered;
@@ -646,221 +640,6 @@ def _send_dispatched(app: Flask, message: _Message, intent: Intent) -> None:
                 receiver,
                 intent.id,
             )
-
-
-# Bodies keep the form Flask-Mail gives them (its "utf-8" charset: 7bit or
-# 8bit, unwrapped) unless a line is longer than the 998 octets SMTP allows
-# (RFC 5321 4.5.3.1.6); then quoted-printable, which carries every line whole
-# and keeps the text readable.
-_QUOTED_PRINTABLE = _charset.Charset("utf-8")
-_QUOTED_PRINTABLE.body_encoding = _charset.QP
-_LONG_LINE = re.compile(rb"[^\r\n]{999}")
-_UNFOLDED = policy.SMTP.clone(max_line_length=None)
-_UNFOLDED_UTF8 = policy.SMTPUTF8.clone(max_line_length=None)
-
-
-class _Message(Message):
-    """Flask-Mail's message as the mail channel sends it.
-
-    Built like Flask-Mail's, ASCII header strings (RFC 2047 for non-ASCII
-    names and subjects) written out by the ``SMTP`` policy, except: headers
-    are folded here and never refolded (see :func:`format_address`); a
-    message to or from an address with a non-ASCII local part is written as
-    UTF-8 (RFC 6532; it needs SMTPUTF8, and Flask-Mail's ``formataddr``
-    cannot write it at all); a text or HTML part with a line over 998 octets
-    is quoted-printable; an HTML-only message has no empty text part; and
-    attachments are base64 with RFC 2231 file names.
-    """
-
-    def _message(self) -> MIMEBase:
-        sender = address_of(self.sender)
-        recipients = [address_of(item) for item in dict.fromkeys(self.recipients)]
-        cc = [address_of(item) for item in dict.fromkeys(self.cc)]
-        reply_to = address_of(self.reply_to) if self.reply_to else None
-        in_headers = [sender, *recipients, *cc, *([reply_to] if reply_to else [])]
-        utf8 = any(not item.username.isascii() for item in in_headers)
-        html = self.html
-        parts = []
-        if self.body is not None or html is None:
-            parts.append(_text_part("plain", self.body or ""))
-        if html is not None:
-            parts.append(_text_part("html", html))
-        mime: MIMEBase = parts[0]
-        if len(parts) > 1:
-            mime = MIMEMultipart("alternative", _subparts=parts)
-        if self.attachments:
-            mime = MIMEMultipart(
-                "mixed", _subparts=[mime, *map(_attachment_part, self.attachments)]
-            )
-        if len(parts) > 1 or self.attachments:
-            for part in mime.walk():
-                if part is not mime:
-                    del part["MIME-Version"]
-        if self.subject:
-            mime["Subject"] = format_subject(self.subject)
-        mime["From"] = format_address(sender)
-        if recipients:
-            mime["To"] = ",\n ".join(map(format_address, recipients))
-        if cc:
-            mime["Cc"] = ",\n ".join(map(format_address, cc))
-        if reply_to is not None:
-            mime["Reply-To"] = format_address(reply_to)
-        mime["Date"] = formatdate(self.date, localtime=True)
-        mime["Message-ID"] = self.msgId
-        for name, value in (self.extra_headers or {}).items():
-            mime[name] = value
-        mime.policy = _UNFOLDED_UTF8 if utf8 else _UNFOLDED
-        return mime
-
-
-class _Attachment(Attachment):
-    """Flask-Mail's attachment, knowing the charset of data that was text."""
-
-    def __init__(
-        self, filename: str, content_type: str, data: bytes, charset: str | None
-    ) -> None:
-        super().__init__(filename, content_type, data)
-        self.charset = charset
-
-
-def _text_part(subtype: str, text: str) -> MIMENonMultipart:
-    part = MIMENonMultipart("text", subtype, charset="utf-8")
-    # A line of 998 octets has at least 250 characters (4 octets at most each).
-    long_lines = len(text) >= 250 and _LONG_LINE.search(text.encode()) is not None
-    part.set_payload(text, _QUOTED_PRINTABLE if long_lines else "utf-8")
-    return part
-
-
-def _attachment_part(attachment: Attachment) -> MIMEBase:
-    maintype, subtype = attachment.content_type.split("/")
-    part = MIMEBase(maintype, subtype)
-    charset = getattr(attachment, "charset", None)
-    if charset:
-        part.set_param("charset", charset)
-    data = attachment.data
-    # base64 carries every byte as it is; lines of 76 characters.
-    part.set_payload(
-        base64.encodebytes(data if isinstance(data, bytes) else data.encode()).decode(
-            "ascii"
-        )
-    )
-    part["Content-Transfer-Encoding"] = "base64"
-    part["Content-Disposition"] = format_disposition(attachment.filename or "file")
-    return part
-
-
-def _unreachable(exc: OSError, mail: t.Any) -> OSError:
-    """``exc`` restated to name the server settings and the fix, chained to it.
-
-    The same type as ``exc`` where it can be made (``ConnectionRefusedError``
-    stays one), so that callers catching it by type still do.
-    """
-    message = (
-        f"Cannot reach the SMTP server MAIL_SERVER={mail.server!r},"
-        f" MAIL_PORT={mail.port!r} ({type(exc).__name__}: {exc}). Check that a"
-        " server listens there (and MAIL_USE_TLS, MAIL_USE_SSL, MAIL_USERNAME);"
-        " in development, set MAIL_SUPPRESS_SEND = True to send nothing."
-    )
-    restated: OSError
-    try:
-        if isinstance(exc, smtplib.SMTPResponseException):
-            restated = type(exc)(exc.smtp_code, message)
-        elif exc.errno is not None and not isinstance(exc, smtplib.SMTPException):
-            restated = type(exc)(exc.errno, message)
-        else:
-            restated = type(exc)(message)
-    except TypeError:  # a subclass with a constructor of its own
-        restated = OSError(message)
-    try:
-        raise restated from exc
-    except OSError as raised:  # raised, so that it carries a traceback
-        return raised
-
-
-class _RefusalsRaise:
-    """``sendmail`` raises when some recipients were refused, not only all.
-
-    smtplib returns partial refusals, and Flask-Mail drops the return value:
-    without this a message that missed a recipient would count as delivered.
-    """
-
-    def sendmail(self, *args: t.Any, **kwargs: t.Any) -> dict[str, tuple[int, bytes]]:
-        refused: dict[str, tuple[int, bytes]] = super().sendmail(  # type: ignore[misc]
-            *args, **kwargs
-        )
-        if refused:
-            raise smtplib.SMTPRecipientsRefused(refused)
-        return refused
-
-
-class _SMTP(_RefusalsRaise, smtplib.SMTP):
-    pass
-
-
-class _SMTP_SSL(_RefusalsRaise, smtplib.SMTP_SSL):
-    pass
-
-
-class _Connection(Connection):
-    """Flask-Mail's connection, with a socket timeout (it has none by default)."""
-
-    def __init__(self, mail: t.Any, timeout: float, local_hostname: str) -> None:
-        super().__init__(mail)
-        self.timeout = timeout
-        self.local_hostname = local_hostname
-
-    def configure_host(self) -> smtplib.SMTP:
-        mail = self.mail
-        host: smtplib.SMTP
-        if mail.use_ssl:
-            host = _SMTP_SSL(
-                mail.server,
-                mail.port,
-                local_hostname=self.local_hostname,
-                timeout=self.timeout,
-            )
-        else:
-            host = _SMTP(
-                mail.server,
-                mail.port,
-                local_hostname=self.local_hostname,
-                timeout=self.timeout,
-            )
-        host.set_debuglevel(int(mail.debug))
-        if mail.use_tls:
-            host.starttls()
-        if mail.username and mail.password:
-            host.login(mail.username, mail.password)
-        return host
-
-
-def _close(connection: _Connection) -> None:
-    host = connection.host
-    if host is None:
-        return
-    try:
-        host.quit()
-    except OSError as exc:
-        # Every message was already accepted or reported; only the goodbye failed.
-        logger.debug("SMTP QUIT failed: %r", exc)
-        host.close()
-
-
-def _reset(connection: _Connection) -> bool:
-    """RSET the connection; close it and return False if that fails."""
-    host = connection.host
-    if host is None:
-        return True
-    try:
-        code, _ = host.rset()
-    except OSError as exc:
-        logger.debug("SMTP RSET failed: %r", exc)
-        host.close()
-        return False
-    if code != 250:
-        _close(connection)
-        return False
-    return True
 
 
 def _string_list(value: t.Any, what: str, error: type[ValueError]) -> list[str]:
