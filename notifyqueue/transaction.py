@@ -201,7 +201,8 @@ def _wait_for_a_transaction(session: Session, batch: _Batch) -> None:
     batch.waiting = True
     ref = weakref.ref(session)
     for name, reason in _ENDINGS:
-        setattr(session, name, partial(_end_waiting, ref, name, reason))
+        if hasattr(type(session), name):  # reset() is new in SQLAlchemy 2.0.22
+            setattr(session, name, partial(_end_waiting, ref, name, reason))
 
 
 def _stop_waiting(session: Session, batch: _Batch) -> None:
