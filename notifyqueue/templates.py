@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import keyword
+import re
 import string
 import typing as t
 from _string import formatter_field_name_split  # type: ignore[import-not-found]
@@ -328,23 +329,25 @@ def reads_every_field(value: t.Any) -> bool:
     return True
 
 
+# A field path in a dict template (the mail channel's "attachments"): a name,
+# then attributes, none starting with "_" ("files", "result.files").
+_FIELD_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z]\w*)*\Z", re.ASCII)
+
+
+def is_field_path(value: t.Any) -> bool:
+    """Whether ``value`` is a field path such as ``"files"`` or ``"result.files"``."""
+    return isinstance(value, str) and _FIELD_PATH.match(value) is not None
+
+
 def _field_path_root(path: t.Any, where: str) -> str:
     """Check a field path (``"files"``, ``"result.files"``); return its first name."""
-    if not isinstance(path, str) or not path:
+    if not is_field_path(path):
         raise TemplateError(
-            f"{where} must name a field, such as 'files' or 'result.files',"
-            f" got {path!r}."
+            f"{where} must name a parameter, or an attribute of one or of the"
+            " result, such as 'files' or 'result.files' (attributes that start"
+            f" with '_' are refused); got {path!r}."
         )
-    try:
-        root = _check_field(path, path)
-    except TemplateError as exc:
-        raise TemplateError(f"{where}: {exc}") from exc
-    if not root.isidentifier():
-        raise TemplateError(
-            f"{where} is {path!r}, which does not start with a name; name a"
-            " parameter or 'result', such as 'files' or 'result.files'."
-        )
-    return root
+    return str(path).partition(".")[0]
 
 
 def _compile_in(text: str, where: str) -> Template:

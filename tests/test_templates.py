@@ -460,7 +460,8 @@ def test_an_attachments_path_is_kept_and_counts_its_first_name(
 
 
 @pytest.mark.parametrize(
-    "path", ["", 5, "result._files", "files[__x]", "{files}", "a b", "0", ".x"]
+    "path",
+    ["", 5, "result._files", "files[__x]", "files[0]", "{files}", "a b", "0", ".x"],
 )
 def test_an_attachments_path_is_checked_like_a_template_field(path: t.Any) -> None:
     with pytest.raises(TemplateError, match=r"^mail=\['attachments'\]"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import difflib
 import logging
-import re
 import smtplib
 import socket
 import time
@@ -18,7 +17,7 @@ from flask import current_app, render_template
 from flask_mail import email_dispatched
 
 from ..errors import ConfigurationError, DeliveryError, PayloadError, TemplateError
-from ..templates import Raw, Template, compile_template
+from ..templates import Raw, Template, compile_template, is_field_path
 from .base import Channel
 from .mail_headers import (
     address_of,
@@ -45,7 +44,6 @@ _TEMPLATE_KEYS = frozenset(
 )
 # A parameter, then attributes (or keys) of it: "files", "result.files". No
 # attribute may start with "_", as in templates.
-_FIELD_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z]\w*)*\Z", re.ASCII)
 _MAX_FILENAME = 255  # what file systems take; longer names are a mistake
 
 
@@ -489,7 +487,7 @@ def _shape_problem(template: t.Any, raw: bool) -> str | None:
                     "the Raw payload's 'attachments' must be a list of"
                     f" (filename, content_type, data) tuples, got {files!r}."
                 )
-        elif not isinstance(files, str) or _FIELD_PATH.match(files) is None:
+        elif not is_field_path(files):
             return (
                 "the template's 'attachments' must name a parameter, or an"
                 " attribute of one or of the result ('files', 'result.files'),"
