@@ -172,12 +172,7 @@ def _discard_owned(session: Session, owner: AppContext | None, reason: str) -> N
             batch.marks[savepoint] = start
     if not batch.intents and not batch.marks:
         _pop_batch(session)
-    if dropped:
-        _warn_forgotten(dropped, reason)
-        if batch.app is not None:
-            send_isolated(
-                signals.batch_discarded, batch.app, intents=dropped, reason=reason
-            )
+    _report_discarded(batch.app, dropped, reason)
 
 
 def _pop_batch(session: Session) -> _Batch | None:
@@ -343,28 +338,23 @@ def _end_savepoint(session: Session, transaction: SessionTransaction) -> None:
         owners = batch.owners
         while owners and owners[-1][1] >= mark:
             owners.pop()
-        if batch.app is not None:
-            send_isolated(
-                signals.batch_discarded,
-                batch.app,
-                intents=dropped,
-                reason="savepoint rollback",
-            )
+        _report_discarded(batch.app, dropped, "savepoint rollback")
 
 
 def _discard(batch: _Batch, reason: str) -> None:
     batch.result = BatchResult(
         committed=False, discarded=batch.discarded + batch.intents
     )
-    if batch.intents:
-        _warn_forgotten(batch.intents, reason)
-    if batch.intents and batch.app is not None:
-        send_isolated(
-            signals.batch_discarded,
-            batch.app,
-            intents=list(batch.intents),
-            reason=reason,
-        )
+    _report_discarded(batch.app, list(batch.intents), reason)
+
+
+def _report_discarded(app: Flask | None, intents: list[Intent], reason: str) -> None:
+    """Send ``batch_discarded`` for dropped intents, warning if it was no rollback."""
+    if not intents:
+        return
+    _warn_forgotten(intents, reason)
+    if app is not None:
+        send_isolated(signals.batch_discarded, app, intents=intents, reason=reason)
 
 
 def _warn_forgotten(intents: list[Intent], reason: str) -> None:
