@@ -182,7 +182,7 @@ def deferred_notify(
     The wrapper takes one extra keyword, ``notify``: omitted, ``True`` or
     ``None`` for every channel the decorator names, ``False`` for none, or a list of
     channel names. A channel the app configures with ``"enabled": False`` is
-    accepted and queued nothing.
+    accepted and queues nothing.
 
     :param when: called with the return value after each call; a false
         answer queues nothing for that call. What it raises propagates to the
