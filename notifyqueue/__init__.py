@@ -7,6 +7,7 @@ import typing as t
 from . import signals
 from .channels import Channel
 from .decorators import DeferredFunction, deferred_notify
+from .delivery import BackgroundStats, background_stats
 from .errors import (
     ArgumentTypeError,
     ChannelNotFound,
@@ -24,6 +25,7 @@ from .templates import Raw
 
 __all__ = [
     "ArgumentTypeError",
+    "BackgroundStats",
     "BatchResult",
     "Channel",
     "ChannelNotFound",
@@ -37,6 +39,7 @@ __all__ = [
     "PayloadError",
     "Raw",
     "TemplateError",
+    "background_stats",
     "deferred_notify",
     "enqueue",
     "finalise",

@@ -9,20 +9,27 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from . import signals
 from .errors import DeliveryError
-from .extension import get_state
+from .intent import BatchResult, Intent
 from .queue import enqueue, finalise
+from .state import get_state
 from .templates import Raw
+from .testing import wait
 
 if t.TYPE_CHECKING:
     from .channels import Channel
+
+# How long send-test waits for a background channel's delivery.
+_SEND_TEST_TIMEOUT = 60.0
 
 cli = AppGroup("notifyqueue", help="Inspect and test notifyqueue channels.")
 
 
 @cli.command("channels")
 def list_channels() -> None:
-    """List the configured channels, in dispatch order, with their options."""
+    """List the configured channels, in dispatch order, with their delivery
+    mode and options."""
     _, state = get_state()
     for name, options in state.options.items():
         if name in state.disabled:
@@ -31,10 +38,10 @@ def list_channels() -> None:
         shown = {
             key: value
             for key, value in options.items()
-            if key not in ("type", "enabled")
+            if key not in ("type", "enabled", "delivery")
         }
         click.echo(
-            f"{name}: type={options['type']}"
+            f"{name}: type={options['type']} delivery={state.delivery[name]}"
             f" options={json.dumps(shown, sort_keys=True, default=repr)}"
         )
     click.echo(f"order={state.order} strict={state.strict}")
@@ -97,12 +104,21 @@ def send_test(channel: str, address: str | None) -> None:
         raise click.ClickException(str(exc)) from exc
     if intent is None:  # pragma: no cover - only a disabled channel, refused above
         raise click.ClickException(f"channel {channel!r} queued nothing.")
-    try:
-        result = finalise(commit=True)
-    except DeliveryError as exc:  # NOTIFYQUEUE_STRICT: report it like the others
-        if exc.result is None:
-            raise
-        result = exc.result
+    # Connected before the commit: a background channel may fail at once.
+    late_failures: list[tuple[Intent, BaseException]] = []
+
+    def record(sender: t.Any, intent: Intent, exception: BaseException) -> None:
+        late_failures.append((intent, exception))
+
+    with signals.intent_failed.connected_to(record):
+        try:
+            result = finalise(commit=True)
+        except DeliveryError as exc:  # NOTIFYQUEUE_STRICT: report it like the others
+            if exc.result is None:
+                raise
+            result = exc.result
+        if result.pending:
+            result = _outcome_of_pending(result, late_failures)
     for failed, error in result.failed:
         click.echo(f"FAILED {failed.id} via {channel}: {error!r}", err=True)
     if not result.ok:
@@ -115,6 +131,28 @@ def send_test(channel: str, address: str | None) -> None:
         )
     else:
         click.echo(f"Sent {intent.id} via {channel}{to}.")
+
+
+def _outcome_of_pending(
+    result: BatchResult, failures: list[tuple[Intent, BaseException]]
+) -> BatchResult:
+    """Wait for a handed-off test notification; return what became of it.
+
+    :param failures: every ``intent_failed`` sent since before the commit.
+    """
+    try:
+        wait(timeout=_SEND_TEST_TIMEOUT)
+    except TimeoutError as exc:
+        raise click.ClickException(str(exc)) from exc
+    pending = {intent.id for intent in result.pending}
+    late = [(intent, exc) for intent, exc in failures if intent.id in pending]
+    decided = {intent.id for intent, _ in late}
+    return BatchResult(
+        committed=True,
+        dispatched=result.dispatched
+        + [intent for intent in result.pending if intent.id not in decided],
+        failed=result.failed + late,
+    )
 
 
 def _is_mail(channel: Channel) -> bool:

@@ -14,8 +14,9 @@ from .errors import (
     ConfigurationError,
     TemplateError,
 )
-from .extension import _State, get_state, register_decorated
+from .extension import register_decorated
 from .queue import queue_rendered
+from .state import State, get_state
 from .templates import compile_templates, reads_every_field, template_fields
 
 if t.TYPE_CHECKING:
@@ -348,7 +349,7 @@ def _qualified_name(fn: t.Callable[..., t.Any]) -> str:
 
 def _enabled(
     app: Flask,
-    state: _State,
+    state: State,
     selected: tuple[tuple[str, t.Any], ...],
     source: str,
 ) -> tuple[tuple[str, t.Any], ...]:

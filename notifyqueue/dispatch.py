@@ -1,70 +1,60 @@
-"""Delivering a committed batch: grouping, isolated receivers, the result."""
+"""Dispatching committed intents: grouping, isolated receivers, the result.
+
+The last step of a committed batch's route (transaction end -> delivery ->
+dispatch -> channel), the same for every delivery mode.
+"""
 
 from __future__ import annotations
 
 import logging
 import typing as t
 
-from flask import current_app
-
 from . import signals
 from .errors import DeliveryError
-from .intent import BatchResult, Intent
+from .state import state_of
 
 if t.TYPE_CHECKING:
     from blinker import NamedSignal
     from flask import Flask
 
-    from .extension import _State
+    from .intent import BatchResult, Intent
+    from .state import State
 
 logger = logging.getLogger("notifyqueue")
 
 
-def dispatch_committed(
-    app: Flask | None, intents: list[Intent], discarded: list[Intent]
-) -> BatchResult:
-    """Hand the intents of a committed transaction to their channels.
-
-    Runs once the root transaction has ended, so receivers may use the session
-    again. Every receiver is isolated: an ``Exception`` is logged and reported
-    per intent; ``KeyboardInterrupt`` and ``SystemExit`` propagate.
-
-    :raises DeliveryError: if ``NOTIFYQUEUE_STRICT`` is on and anything failed,
-        after the whole batch was dispatched.
-    """
-    result = BatchResult(committed=True, discarded=discarded)
-    if app is None or not intents:
-        return result
-    state: _State = app.extensions["notifyqueue"]
-    if _current_app() is app:
-        _dispatch_batch(app, state, intents, result)
-    else:
-        with app.app_context():
-            _dispatch_batch(app, state, intents, result)
-    if state.strict and result.failed:
-        raise DeliveryError(
-            {intent.id: exc for intent, exc in result.failed}, result=result
-        )
-    return result
-
-
-def _dispatch_batch(
-    app: Flask, state: _State, intents: list[Intent], result: BatchResult
+def dispatch_batch(
+    app: Flask, state: State, intents: list[Intent], result: BatchResult
 ) -> None:
-    if signals.batch_committed.receivers:
-        send_isolated(signals.batch_committed, app, intents=list(intents))
-    captures = state.captures
-    record_only = bool(captures) and any(not capture.dispatch for capture in captures)
+    """Hand committed intents to their channels, recording each outcome in ``result``.
+
+    Runs inside an app context of ``app``, in whichever thread the intents'
+    delivery mode chose, once their root transaction has ended (so receivers
+    may use the session again). Every receiver is isolated: an ``Exception``
+    is logged and reported per intent; ``KeyboardInterrupt`` and
+    ``SystemExit`` propagate.
+    """
     for name, group in _groups(intents, state):
-        if record_only:
-            result.dispatched.extend(group)
-            for capture in captures:
-                capture.intents.extend(group)
-        else:
-            _dispatch_group(app, state, name, group, result)
+        _dispatch_group(app, state, name, group, result)
 
 
-def _groups(intents: list[Intent], state: _State) -> list[tuple[str, list[Intent]]]:
+def record_batch(state: State, intents: list[Intent], result: BatchResult) -> bool:
+    """Record ``intents`` as dispatched without delivering them, if a capture asks.
+
+    :return: whether a ``capture(dispatch=False)`` block is active (and the
+        intents were recorded in every active block).
+    """
+    captures = state.captures
+    if not captures or all(capture.dispatch for capture in captures):
+        return False
+    for _, group in _groups(intents, state):
+        result.dispatched.extend(group)
+        for capture in list(captures):
+            capture.intents.extend(group)
+    return True
+
+
+def _groups(intents: list[Intent], state: State) -> list[tuple[str, list[Intent]]]:
     """Split a batch into channel batches, per ``NOTIFYQUEUE_ORDER``."""
     if state.order == "call":
         runs: list[tuple[str, list[Intent]]] = []
@@ -85,7 +75,7 @@ def _groups(intents: list[Intent], state: _State) -> list[tuple[str, list[Intent
 
 
 def _dispatch_group(
-    app: Flask, state: _State, name: str, group: list[Intent], result: BatchResult
+    app: Flask, state: State, name: str, group: list[Intent], result: BatchResult
 ) -> None:
     failures: dict[str, BaseException] = {}
     # A copy: a receiver may disconnect itself while we iterate.
@@ -102,8 +92,9 @@ def _dispatch_group(
         # The usual case, kept per group rather than per intent: B1 showed the
         # per-intent bookkeeping costing as much as the channel itself.
         result.dispatched.extend(group)
-        for capture in state.captures:
-            capture.intents.extend(group)
+        if state.captures:
+            for capture in list(state.captures):
+                capture.intents.extend(group)
         if signals.intent_dispatched.receivers:
             for intent in group:
                 send_isolated(signals.intent_dispatched, app, intent=intent)
@@ -112,7 +103,7 @@ def _dispatch_group(
         failure = failures.get(intent.id)
         if failure is None:
             result.dispatched.append(intent)
-            for capture in state.captures:
+            for capture in list(state.captures):
                 capture.intents.append(intent)
             send_isolated(signals.intent_dispatched, app, intent=intent)
         else:
@@ -130,7 +121,7 @@ def _dispatch_group(
 
 def deliver_to_channel(sender: str, *, app: Flask, intents: list[Intent]) -> None:
     """The ``dispatch`` receiver that hands a channel batch to its channel."""
-    channel = app.extensions["notifyqueue"].channels.get(sender)
+    channel = state_of(app).channels.get(sender)
     if channel is not None:
         channel.send(intents)
 
@@ -155,10 +146,3 @@ def send_isolated(signal: NamedSignal, sender: t.Any, **kwargs: t.Any) -> None:
                 receiver,
                 signal.name,
             )
-
-
-def _current_app() -> Flask | None:
-    try:
-        return current_app._get_current_object()  # type: ignore[attr-defined,no-any-return]
-    except RuntimeError:
-        return None

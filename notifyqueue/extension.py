@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import threading
 import typing as t
 import weakref
 
-from flask import Flask, appcontext_tearing_down, current_app
+from flask import Flask, appcontext_tearing_down
 from sqlalchemy.orm import scoped_session
 
 from .channels import Channel, resolve_channel_class
+from .cli import cli
+from .delivery import MODES, DeliveryMode
 from .errors import ArgumentTypeError, ConfigurationError, LifecycleError, TemplateError
-from .intent import Intent
+from .state import EXTENSION_KEY, State, state_of
 from .transaction import begin_teardown, end_teardown, watch
 
-_EXTENSION_KEY = "notifyqueue"
 _ORDERS = ("channel", "call")
 # Names a channel cannot have: keywords of @deferred_notify and its wrapper.
 _RESERVED = ("notify", "when")
+# Channel options the extension consumes; never passed to a channel class.
+_CONSUMED = ("type", "enabled", "delivery")
 
 
 def _defaults() -> dict[str, t.Any]:
@@ -27,79 +29,113 @@ def _defaults() -> dict[str, t.Any]:
 
     Fresh on each call, so no two apps share the mutable channels dict.
     """
-    return {
+    defaults: dict[str, t.Any] = {
         "NOTIFYQUEUE_CHANNELS": {"log": {"type": "log"}},
         "NOTIFYQUEUE_ORDER": "channel",
         "NOTIFYQUEUE_STRICT": False,
+        "NOTIFYQUEUE_DELIVERY": "inline",
     }
+    for mode in MODES.values():
+        defaults.update(mode.settings)
+    return defaults
 
 
-@dataclasses.dataclass
-class _Capture:
-    """One active :func:`notifyqueue.testing.capture` block."""
-
-    intents: list[Intent]
-    dispatch: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class _State:
-    """What NotifyQueue keeps for one app, read from its config in ``init_app``."""
-
-    session: scoped_session[t.Any]
-    channels: dict[str, Channel]
-    """Configured channels, in dispatch order."""
-    options: dict[str, dict[str, t.Any]]
-    """Each channel's options as configured (for the CLI)."""
-    order: str
-    strict: bool
-    captures: list[_Capture] = dataclasses.field(default_factory=list)
-    disabled: frozenset[str] = frozenset()
-    """Channels configured with ``"enabled": False``: named, never queued to."""
-
-    @classmethod
-    def from_config(
-        cls, app: Flask, session: scoped_session[t.Any], settings: dict[str, t.Any]
-    ) -> _State:
-        """Check ``settings`` (the defaults overlaid with the app's config)."""
-        unknown = [
-            key
-            for key in app.config
-            if key.startswith("NOTIFYQUEUE_") and key not in settings
-        ]
-        if unknown:
-            raise ConfigurationError(
-                f"Unknown config key(s) {', '.join(sorted(unknown))}; notifyqueue"
-                f" reads {', '.join(settings)}. Check the spelling."
+def _state_from_config(
+    app: Flask, session: scoped_session[t.Any], settings: dict[str, t.Any]
+) -> State:
+    """Check ``settings`` (the defaults overlaid with the app's config)."""
+    unknown = [
+        key
+        for key in app.config
+        if key.startswith("NOTIFYQUEUE_") and key not in settings
+    ]
+    if unknown:
+        raise ConfigurationError(
+            f"Unknown config key(s) {', '.join(sorted(unknown))}; notifyqueue"
+            f" reads {', '.join(settings)}. Check the spelling."
+        )
+    order = settings["NOTIFYQUEUE_ORDER"]
+    if order not in _ORDERS:
+        raise ConfigurationError(
+            f"NOTIFYQUEUE_ORDER is {order!r}; use 'channel' or 'call'."
+        )
+    strict = settings["NOTIFYQUEUE_STRICT"]
+    if not isinstance(strict, bool):
+        raise ConfigurationError(
+            f"NOTIFYQUEUE_STRICT is {strict!r}; use True or False."
+        )
+    default_mode = _mode_name(settings["NOTIFYQUEUE_DELIVERY"], "NOTIFYQUEUE_DELIVERY")
+    for mode in MODES.values():
+        mode.check_settings(settings)
+    configured = settings["NOTIFYQUEUE_CHANNELS"]
+    if not isinstance(configured, t.Mapping) or not configured:
+        raise ConfigurationError(
+            "NOTIFYQUEUE_CHANNELS must be a non-empty dict of channel name ->"
+            " options, for example {'log': {'type': 'log'}};"
+            f" got {configured!r}."
+        )
+    channels: dict[str, Channel] = {}
+    options: dict[str, dict[str, t.Any]] = {}
+    delivery: dict[str, str] = {}
+    disabled = set()
+    for name, channel_options in configured.items():
+        if _enabled(name, channel_options):
+            delivery[name] = _mode_name(
+                channel_options.get("delivery", default_mode),
+                f"NOTIFYQUEUE_CHANNELS[{name!r}]['delivery']",
             )
-        order = settings["NOTIFYQUEUE_ORDER"]
-        if order not in _ORDERS:
-            raise ConfigurationError(
-                f"NOTIFYQUEUE_ORDER is {order!r}; use 'channel' or 'call'."
-            )
-        strict = settings["NOTIFYQUEUE_STRICT"]
-        if not isinstance(strict, bool):
-            raise ConfigurationError(
-                f"NOTIFYQUEUE_STRICT is {strict!r}; use True or False."
-            )
-        configured = settings["NOTIFYQUEUE_CHANNELS"]
-        if not isinstance(configured, t.Mapping) or not configured:
-            raise ConfigurationError(
-                "NOTIFYQUEUE_CHANNELS must be a non-empty dict of channel name ->"
-                " options, for example {'log': {'type': 'log'}};"
-                f" got {configured!r}."
-            )
-        channels: dict[str, Channel] = {}
-        options: dict[str, dict[str, t.Any]] = {}
-        disabled = set()
-        for name, channel_options in configured.items():
-            if _enabled(name, channel_options):
-                channels[name] = _build_channel(app, name, channel_options)
-            else:
-                disabled.add(name)
-            options[name] = dict(channel_options)
-        return cls(
-            session, channels, options, order, strict, disabled=frozenset(disabled)
+            channels[name] = _build_channel(app, name, channel_options)
+        else:
+            disabled.add(name)
+        options[name] = dict(channel_options)
+    _check_promises(order, strict, delivery)
+    # Modes that hand off first, so their work starts while inline runs.
+    used = sorted(set(delivery.values()), key=lambda mode: mode == "inline")
+    modes = {name: MODES[name](app, settings) for name in used}
+    preparing = tuple(
+        mode
+        for mode in modes.values()
+        if type(mode).before_commit is not DeliveryMode.before_commit
+    )
+    return State(
+        session,
+        channels,
+        options,
+        order,
+        strict,
+        delivery,
+        modes,
+        preparing=preparing,
+        disabled=frozenset(disabled),
+    )
+
+
+def _mode_name(value: t.Any, where: str) -> str:
+    if not isinstance(value, str) or value not in MODES:
+        raise ConfigurationError(
+            f"{where} is {value!r}; the delivery modes are"
+            f" {', '.join(repr(name) for name in MODES)}."
+        )
+    return value
+
+
+def _check_promises(order: str, strict: bool, delivery: dict[str, str]) -> None:
+    """Refuse settings whose promise the channels' delivery modes cannot keep."""
+    if order == "call" and len(set(delivery.values())) > 1:
+        modes = ", ".join(f"{name}={mode}" for name, mode in delivery.items())
+        raise ConfigurationError(
+            "NOTIFYQUEUE_ORDER='call' promises one order across channels, but the"
+            f" channels are delivered by different modes ({modes}), each in its own"
+            " time. Give every channel the same 'delivery', or use"
+            " NOTIFYQUEUE_ORDER='channel'."
+        )
+    off_request = [name for name, mode in delivery.items() if mode != "inline"]
+    if strict and off_request:
+        raise ConfigurationError(
+            "NOTIFYQUEUE_STRICT=True raises from the commit when a channel fails,"
+            f" but channel(s) {', '.join(map(repr, off_request))} are delivered after"
+            " the commit has returned. Use 'delivery': 'inline' for them, or turn"
+            " NOTIFYQUEUE_STRICT off and watch the intent_failed signal."
         )
 
 
@@ -136,9 +172,7 @@ def _build_channel(app: Flask, name: t.Any, options: t.Any) -> Channel:
             f" got {options!r}."
         )
     cls = resolve_channel_class(options["type"], f"{where}['type']")
-    kwargs = {
-        key: value for key, value in options.items() if key not in ("type", "enabled")
-    }
+    kwargs = {key: value for key, value in options.items() if key not in _CONSUMED}
     signature = inspect.signature(cls)
     try:
         signature.bind(name, **kwargs)
@@ -191,7 +225,7 @@ class NotifyQueue:
             problem.
         :raises LifecycleError: already initialised, or no session to follow.
         """
-        if _EXTENSION_KEY in app.extensions:
+        if EXTENSION_KEY in app.extensions:
             raise LifecycleError("NotifyQueue is already initialised on this app.")
         if session is None:
             session = self._session
@@ -204,7 +238,7 @@ class NotifyQueue:
             )
         settings = _defaults()
         settings.update((key, app.config[key]) for key in settings if key in app.config)
-        state = _State.from_config(app, session, settings)
+        state = _state_from_config(app, session, settings)
         # Held until the app is registered, so a function decorated meanwhile
         # in another thread is checked either here or at its decoration.
         with _registry_lock:
@@ -214,13 +248,10 @@ class NotifyQueue:
             # Only now, so a failed init_app leaves app.config as it was.
             for key, value in settings.items():
                 app.config.setdefault(key, value)
-            app.extensions[_EXTENSION_KEY] = state
+            app.extensions[EXTENSION_KEY] = state
             app.teardown_appcontext(_teardown)
             appcontext_tearing_down.connect(_after_teardown, sender=app, weak=False)
             _initialised.add(app)
-
-        from .cli import cli
-
         app.cli.add_command(cli)
 
 
@@ -248,14 +279,14 @@ def register_decorated(
     """
     with _registry_lock:
         for app in list(_initialised):
-            state = app.extensions.get(_EXTENSION_KEY)
+            state = app.extensions.get(EXTENSION_KEY)
             if state is not None:
                 _check_templates(app, state, source, templates)
         _decorated[function] = (source, templates)
 
 
 def _check_templates(
-    app: Flask, state: _State, source: str, templates: dict[str, t.Any]
+    app: Flask, state: State, source: str, templates: dict[str, t.Any]
 ) -> None:
     for name, template in templates.items():
         channel = state.channels.get(name)
@@ -294,27 +325,5 @@ def _teardown(exc: BaseException | None) -> None:
 
 def _after_teardown(app: Flask, **kwargs: t.Any) -> None:
     """Once every teardown function has run, drop what the context queued."""
-    registry = app.extensions[_EXTENSION_KEY].session.registry
+    registry = state_of(app).session.registry
     end_teardown(registry() if registry.has() else None)
-
-
-def get_state(app: Flask | None = None) -> tuple[Flask, _State]:
-    """Return the app (the current one by default) and its NotifyQueue state.
-
-    :raises LifecycleError: outside an app context, or before ``init_app``.
-    """
-    if app is None:
-        try:
-            app = t.cast("Flask", current_app._get_current_object())  # type: ignore[attr-defined]
-        except RuntimeError:
-            raise LifecycleError(
-                "notifyqueue needs an application context: call it inside a request,"
-                " a CLI command, or `with app.app_context():`."
-            ) from None
-    try:
-        return app, app.extensions[_EXTENSION_KEY]
-    except KeyError:
-        raise LifecycleError(
-            f"NotifyQueue is not initialised on app {app.name!r}. Did you call"
-            " init_app?"
-        ) from None

@@ -129,16 +129,21 @@ class BatchResult:
     :param failed: ``(intent, exception)`` for each intent that failed.
     :param discarded: intents dropped without dispatch: by a savepoint
         rollback inside the transaction, or all of them when it did not commit.
+    :param pending: intents handed off to be delivered after the commit
+        returned (``"delivery": "background"``), whose outcome is not known
+        yet: the ``intent_dispatched`` and ``intent_failed`` signals tell it.
     """
 
     committed: bool
     dispatched: list[Intent] = dataclasses.field(default_factory=list)
     failed: list[tuple[Intent, BaseException]] = dataclasses.field(default_factory=list)
     discarded: list[Intent] = dataclasses.field(default_factory=list)
+    pending: list[Intent] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """``True`` when the transaction committed and nothing failed."""
+        """``True`` when the transaction committed and nothing failed (so far:
+        what is ``pending`` may still fail)."""
         return self.committed and not self.failed
 
     def __bool__(self) -> bool:

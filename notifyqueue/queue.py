@@ -7,8 +7,8 @@ import typing as t
 
 from . import signals
 from .errors import ChannelNotFound, DeliveryError
-from .extension import _State, get_state
 from .intent import BatchResult, Intent
+from .state import State, get_state
 from .transaction import add_intents, current_batch
 
 if t.TYPE_CHECKING:
@@ -17,7 +17,7 @@ if t.TYPE_CHECKING:
 
 def queue_rendered(
     app: Flask,
-    state: _State,
+    state: State,
     templates: t.Iterable[tuple[str, t.Any]],
     context: t.Mapping[str, t.Any],
     source: str,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import typing as t
 
-from .extension import _Capture, get_state
+from .state import Capture, get_state
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -20,18 +21,57 @@ def capture(
     """Record every intent the app dispatches while the block runs.
 
     Yields a list that each dispatched :class:`~notifyqueue.Intent` is
-    appended to, in dispatch order; intents that failed are not recorded.
-    With ``dispatch=False`` the channels are not called: committed intents are
-    recorded (and count as dispatched in the :class:`~notifyqueue.BatchResult`)
-    but no ``dispatch`` or ``intent_dispatched`` signal is sent.
+    appended to when its channels have been called, in whichever thread that
+    happens (a ``"background"`` channel's pool thread, say: call :func:`wait`
+    before reading the list); intents that failed are not recorded.
+
+    With ``dispatch=False`` the channels are not called, whatever their
+    delivery mode: committed intents are recorded at the commit, in the
+    committing thread (and count as dispatched in the
+    :class:`~notifyqueue.BatchResult`), but no ``dispatch`` or
+    ``intent_dispatched`` signal is sent.
 
     :param app: the app to watch; default the current app.
     """
     _, state = get_state(app)
     recorded: list[Intent] = []
-    entry = _Capture(recorded, dispatch)
+    entry = Capture(recorded, dispatch)
     state.captures.append(entry)
     try:
         yield recorded
     finally:
         state.captures.remove(entry)
+
+
+def wait(app: Flask | None = None, timeout: float = 10.0) -> None:
+    """Block until everything handed off so far has been delivered or has failed.
+
+    Covers what the app's non-inline channels (``"delivery": "background"``)
+    were handed before the call; returns at once if there is nothing.
+
+    :param app: the app; default the current app.
+    :param timeout: seconds to wait in all.
+    :raises TimeoutError: past the timeout, naming the intents still pending.
+    :raises LifecycleError: called inside a background delivery task.
+    """
+    _, state = get_state(app)
+    deadline = time.monotonic() + timeout
+    for mode in state.modes.values():
+        mode.wait(deadline)
+
+
+def shutdown(app: Flask | None = None, timeout: float = 10.0) -> list[Intent]:
+    """Finish the app's background delivery (up to ``timeout``), then stop its threads.
+
+    What interpreter exit does with ``NOTIFYQUEUE_SHUTDOWN_TIMEOUT``, for a
+    test's teardown (or a worker's own stop hook). The next hand-off starts
+    the threads again.
+
+    :return: the intents left without an outcome (also logged at ERROR).
+    """
+    _, state = get_state(app)
+    deadline = time.monotonic() + timeout
+    left: list[Intent] = []
+    for mode in state.modes.values():
+        left.extend(mode.shutdown(max(0.0, deadline - time.monotonic())))
+    return left

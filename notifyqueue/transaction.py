@@ -30,7 +30,8 @@ from sqlalchemy.orm import Session, SessionTransaction, scoped_session, sessionm
 
 from . import signals
 from .context import current_context
-from .dispatch import dispatch_committed, send_isolated
+from .delivery import before_commit, deliver_committed
+from .dispatch import send_isolated
 from .errors import ConfigurationError, LifecycleError
 from .intent import BatchResult, Intent
 
@@ -271,6 +272,8 @@ def _on_before_commit(session: Session) -> None:
     batch = session.info.get(_KEY)
     if batch is not None and not session.in_nested_transaction():
         batch.committing = True
+        if batch.intents:
+            before_commit(session, batch.app, batch.intents)
 
 
 def _on_after_commit(session: Session) -> None:
@@ -305,7 +308,7 @@ def _on_transaction_end(session: Session, transaction: SessionTransaction) -> No
         return
     if transaction is batch.committed:
         if batch.intents or batch.discarded:
-            batch.result = dispatch_committed(batch.app, batch.intents, batch.discarded)
+            batch.result = deliver_committed(batch.app, batch.intents, batch.discarded)
     else:
         if batch.committing:
             reason = "commit failed"

@@ -8,6 +8,7 @@ from flask import Flask
 from flask_mail import Mail
 
 from notifyqueue import NotifyQueue
+from notifyqueue.testing import shutdown
 
 from .helpers import RecordingChannel, db
 from .smtp import SMTPServer, free_port, start_smtp_server
@@ -116,6 +117,9 @@ def make_app(database_url: str) -> t.Iterator[t.Callable[..., Flask]]:
 
     yield factory
     for app in apps:
+        if "notifyqueue" in app.extensions:
+            # Ends the app's background threads, if a test started them.
+            shutdown(app, timeout=10)
         with app.app_context():
             db.session.remove()
             for engine in db.engines.values():

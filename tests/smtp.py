@@ -40,6 +40,8 @@ class SMTPServer:
     faults: dict[int, str] = field(default_factory=dict)
     mail_commands: int = 0
     stall_seconds: float = 2.0
+    data_delay: float = 0.0
+    """Seconds every DATA waits before the server answers (a slow server)."""
 
     def config(self) -> dict[str, t.Any]:
         return {
@@ -93,6 +95,8 @@ class _Handler:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        if self.server.data_delay:
+            await asyncio.sleep(self.server.data_delay)
         self.server.envelopes.append(list(envelope.rcpt_tos))
         self.server.mail_options.append(list(envelope.mail_options))
         self.server.raw.append(bytes(envelope.content))

@@ -250,7 +250,7 @@ def test_channels_shows_a_disabled_channel_as_disabled(
     result = invoke(app, "channels")
     assert result.exit_code == 0, result.output
     rec_line, mail_line = result.output.splitlines()[:2]
-    assert rec_line == f"rec: type={REC} options={{}}"
+    assert rec_line == f"rec: type={REC} delivery=inline options={{}}"
     assert mail_line == "mail: type=mail disabled"
 
 
