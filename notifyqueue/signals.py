@@ -25,8 +25,10 @@ batch_committed = namespace.signal(
 
 dispatch = namespace.signal(
     "dispatch",
-    doc="""Sent once per channel batch after the commit. Sender: the channel
-    name. Keywords: ``app``, ``intents``. The configured channels are its
+    doc="""Sent once per channel batch after the commit, from the thread the
+    channel's delivery mode dispatches in (the committing thread for
+    ``"inline"``, a pool thread for ``"background"``), inside an app context.
+    Sender: the channel name. Keywords: ``app``, ``intents``. The configured channels are its
     receivers; connect another to observe or extend delivery. A receiver that
     raises :class:`~notifyqueue.DeliveryError` fails the intents it names; any
     other exception fails the whole channel batch.""",

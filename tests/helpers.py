@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import typing as t
 
+from flask import current_app, has_request_context
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -82,3 +84,33 @@ class StrictChannel(RecordingChannel):
 
     def render(self, template: t.Any, context: t.Mapping[str, t.Any]) -> t.Any:
         return super().render(template["text"], context)
+
+
+class GatedChannel(RecordingChannel):
+    """A recording channel that notes where it runs, and can be held.
+
+    A batch with an intent whose payload contains ``"hold"`` waits (up to
+    30 s) for :attr:`gate`; :attr:`entered` is set as each batch arrives.
+    Each batch's thread name, app and request-context flag are kept in
+    :attr:`calls`.
+    """
+
+    def __init__(self, name: str, **options: t.Any) -> None:
+        super().__init__(name, **options)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.calls: list[dict[str, t.Any]] = []
+
+    def send(self, intents: t.Sequence[Intent]) -> None:
+        self.calls.append(
+            {
+                "thread": threading.current_thread().name,
+                "app": current_app._get_current_object(),  # type: ignore[attr-defined]
+                "request": has_request_context(),
+            }
+        )
+        self.entered.set()
+        if any("hold" in str(intent.payload) for intent in intents):
+            if not self.gate.wait(timeout=30):
+                raise TimeoutError("the test never opened the gate")
+        super().send(intents)

@@ -282,3 +282,53 @@ def test_send_test_mail_without_recipients_asks_for_to(
     result = invoke(app, "send-test", "mail", "--to", "ops@example.org")
     assert result.exit_code == 0, result.output
     assert smtp_server.envelopes == [["ops@example.org"]]
+
+
+def test_channels_shows_each_channels_delivery_mode(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    app = make_app(
+        NOTIFYQUEUE_DELIVERY="background",
+        NOTIFYQUEUE_CHANNELS={
+            "rec": {"type": REC, "delivery": "inline"},
+            "log": {"type": "log"},
+        },
+    )
+    result = invoke(app, "channels")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert f"rec: type={REC} delivery=inline options={{}}" in lines
+    assert "log: type=log delivery=background options={}" in lines
+
+
+def test_send_test_through_a_background_channel_waits_and_reports_success(
+    make_app: t.Callable[..., Flask], smtp_server: SMTPServer
+) -> None:
+    app = make_app(
+        **smtp_server.config(),
+        NOTIFYQUEUE_CHANNELS={
+            "mail": {
+                "type": "mail",
+                "recipients": ["admin@example.com"],
+                "delivery": "background",
+            }
+        },
+    )
+    smtp_server.data_delay = 0.3  # arrives after the commit has returned
+    result = invoke(app, "send-test", "mail")
+    assert result.exit_code == 0, result.output
+    (intent_id,) = smtp_server.intent_ids()
+    assert result.output == f"Sent {intent_id} via mail.\n"
+
+
+def test_send_test_through_a_failing_background_channel_exits_1(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    app = make_app(
+        NOTIFYQUEUE_CHANNELS={
+            "rec": {"type": REC, "crash": True, "delivery": "background"}
+        }
+    )
+    result = invoke(app, "send-test", "rec")
+    assert result.exit_code == 1
+    assert re.search(r"FAILED [0-9a-f]{32} via rec: RuntimeError", result.output)
