@@ -778,3 +778,32 @@ def test_load_of_concurrent_background_commits_loses_and_doubles_nothing(
         0,
         0,
     )
+
+
+def test_a_refused_background_email_fails_alone_and_is_reported(
+    make_app: t.Callable[..., Flask],
+    smtp_server: SMTPServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = _mail_app(make_app, smtp_server, "background")
+    smtp_server.refuse = {"nobody@example.com"}
+    failed: list[str] = []
+
+    def on_failed(sender: Flask, intent: Intent, exception: BaseException) -> None:
+        failed.append(intent.id)
+
+    with signals.intent_failed.connected_to(on_failed, sender=app):
+        with app.app_context():
+            good = enqueue("mail", {"subject": "ok", "body": "x"})
+            bad = enqueue(
+                "mail",
+                {"subject": "no", "body": "x", "recipients": ["nobody@example.com"]},
+            )
+            after = enqueue("mail", {"subject": "ok too", "body": "x"})
+            assert good and bad and after
+            finalise()
+            wait()
+    assert failed == [bad.id]
+    assert smtp_server.intent_ids() == [good.id, after.id]
+    assert bad.id in caplog.text
+    assert background_stats(app).failed == 1
