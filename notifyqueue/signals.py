@@ -28,10 +28,11 @@ dispatch = namespace.signal(
     doc="""Sent once per channel batch after the commit, from the thread the
     channel's delivery mode dispatches in (the committing thread for
     ``"inline"``, a pool thread for ``"background"``), inside an app context.
-    Sender: the channel name. Keywords: ``app``, ``intents``. The configured channels are its
-    receivers; connect another to observe or extend delivery. A receiver that
-    raises :class:`~notifyqueue.DeliveryError` fails the intents it names; any
-    other exception fails the whole channel batch.""",
+    Sender: the channel name. Keywords: ``app``, ``intents``. The configured
+    channels are its receivers; connect another to observe or extend
+    delivery. A receiver that raises :class:`~notifyqueue.DeliveryError`
+    fails the intents it names; any other exception fails the whole channel
+    batch.""",
 )
 
 intent_dispatched = namespace.signal(

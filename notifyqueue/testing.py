@@ -47,7 +47,8 @@ def wait(app: Flask | None = None, timeout: float = 10.0) -> None:
     """Block until everything handed off so far has been delivered or has failed.
 
     Covers what the app's non-inline channels (``"delivery": "background"``)
-    were handed before the call; returns at once if there is nothing.
+    were handed before the call, and what those tasks hand off in turn (a
+    channel that commits in its task); returns at once if there is nothing.
 
     :param app: the app; default the current app.
     :param timeout: seconds to wait in all.

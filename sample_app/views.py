@@ -147,6 +147,11 @@ def _changed(key: str, value: t.Any, result: BatchResult) -> dict[str, t.Any]:
                 {"id": intent.id, "channel": intent.channel}
                 for intent, _ in result.failed
             ],
+            # Handed to background delivery: not sent yet when we answer.
+            "pending": [
+                {"id": intent.id, "channel": intent.channel}
+                for intent in result.pending
+            ],
         },
     }
 

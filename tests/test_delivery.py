@@ -416,6 +416,33 @@ def test_a_task_may_query_and_commit_and_what_it_queues_follows_the_same_rules(
     assert _channel(app, "rec").sent == ["follow-up of a"]
 
 
+class SlowChannel(RecordingChannel):
+    """Takes a fifth of a second per batch."""
+
+    def send(self, intents: t.Sequence[Intent]) -> None:
+        time.sleep(0.2)
+        super().send(intents)
+
+
+def test_wait_also_covers_what_a_task_hands_off_in_turn(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    app = make_app(
+        NOTIFYQUEUE_DELIVERY="background",
+        NOTIFYQUEUE_CHANNELS={
+            "query": {"type": QUERYING},
+            "rec": {"type": "tests.test_delivery:SlowChannel"},
+        },
+    )
+    with app.app_context():
+        db.session.add(Item(name="a"))
+        enqueue("query", "go")
+        finalise()
+        wait()
+    # The follow-up was handed off from the pool thread, after wait() began.
+    assert _channel(app, "rec").sent == ["follow-up of a"]
+
+
 def test_what_a_task_queues_without_committing_is_discarded_at_its_teardown(
     make_app: t.Callable[..., Flask], caplog: pytest.LogCaptureFixture
 ) -> None:

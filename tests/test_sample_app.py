@@ -15,6 +15,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
+from notifyqueue.testing import shutdown, wait
 from sample_app import create_app
 from sample_app.extensions import db
 from sample_app.models import Froggy
@@ -36,6 +37,7 @@ def make_froggy_app() -> t.Iterator[t.Callable[[dict[str, t.Any]], Flask]]:
 
     yield make
     for app in apps:
+        shutdown(app)  # its background threads, if a test started them
         with app.app_context():
             db.session.remove()
             db.drop_all()
@@ -121,7 +123,11 @@ def test_create_read_and_list_froggies(
     }
     assert created.headers["Location"] == f"/froggies/{kermit['id']}"
     # Creating notifies nobody: nothing queued, nothing committed to report.
-    assert created.get_json()["notifications"] == {"dispatched": [], "failed": []}
+    assert created.get_json()["notifications"] == {
+        "dispatched": [],
+        "failed": [],
+        "pending": [],
+    }
 
     second = client.post("/froggies", json={"name": "Freddie", "colour": "blue"})
     freddie = second.get_json()["froggy"]
@@ -697,3 +703,29 @@ def test_log_lines_have_the_format_once_however_many_apps_are_created(
         "Sent email: Made froggy jump",
     ]
     assert len(lines) == 3
+
+
+def test_background_delivery_from_the_environment_answers_before_sending(
+    make_froggy_app: t.Callable[[dict[str, t.Any]], Flask],
+    database_url: str,
+    smtp_server: SMTPServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FLASK_NOTIFYQUEUE_DELIVERY", "background")
+    smtp_server.data_delay = 1.0
+    app = make_froggy_app(
+        {"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_url}
+        | smtp_server.config()
+    )
+    (froggy_id,) = add_froggies(app, "Kermit")
+    response = app.test_client().put(
+        f"/froggies/{froggy_id}/colour", json={"colour": "red"}
+    )
+    assert response.status_code == 200
+    notifications = response.get_json()["notifications"]
+    assert notifications["dispatched"] == [] and notifications["failed"] == []
+    pending = notifications["pending"]
+    assert [n["channel"] for n in pending] == ["log", "mail"]
+    assert smtp_server.intent_ids() == []  # answered before the server did
+    wait(app)
+    assert smtp_server.intent_ids() == [pending[1]["id"]]

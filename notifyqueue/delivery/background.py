@@ -117,6 +117,10 @@ class BackgroundDelivery(DeliveryMode):
         # hand-off order (dicts keep insertion order).
         self._outstanding: dict[int, list[Intent]] = {}
         self._sequence = 0
+        # The last sequence number a task handed off from a pool thread (a
+        # channel that committed): wait() waits for those too.
+        self._nested = 0
+        self._local = threading.local()
         self._workers: list[threading.Thread] = []
         # Bumped by a shutdown: a worker of an older generation exits.
         self._generation = 0
@@ -142,6 +146,8 @@ class BackgroundDelivery(DeliveryMode):
                 if not self._workers:
                     self._start()
                 self._sequence += 1
+                if getattr(self._local, "worker", False):
+                    self._nested = self._sequence
                 self._tasks.append((self._sequence, app, intents))
                 self._outstanding[self._sequence] = intents
                 self._counts["handed_off"] += len(intents)
@@ -177,6 +183,7 @@ class BackgroundDelivery(DeliveryMode):
             self._workers.append(worker)
 
     def _work(self, generation: int) -> None:
+        self._local.worker = True
         while True:
             with self._lock:
                 while not self._tasks or self._generation != generation:
@@ -192,7 +199,7 @@ class BackgroundDelivery(DeliveryMode):
                 self._ended.notify_all()
 
     def _refuse_in_worker(self, what: str) -> None:
-        if threading.current_thread() in self._workers:
+        if getattr(self._local, "worker", False):
             raise LifecycleError(
                 f"{what} was called inside a background delivery task of app"
                 f" {self.app_name!r}; it would wait for itself. Call it from the"
@@ -207,18 +214,25 @@ class BackgroundDelivery(DeliveryMode):
             def settled() -> bool:
                 return all(sequence > last for sequence in self._outstanding)
 
-            if not self._ended.wait_for(settled, max(0.0, deadline - time.monotonic())):
-                left = [
-                    intent.id
-                    for sequence, intents in self._outstanding.items()
-                    if sequence <= last
-                    for intent in intents
-                ]
-                raise TimeoutError(
-                    f"Background delivery of app {self.app_name!r} still has"
-                    f" {len(left)} notification(s) without an outcome:"
-                    f" {', '.join(left)}. Is a channel stalled?"
-                )
+            while True:
+                remaining = max(0.0, deadline - time.monotonic())
+                if not self._ended.wait_for(settled, remaining):
+                    break
+                if self._nested <= last:
+                    return
+                # A task handed off more while we waited: wait for that too.
+                last = self._sequence
+            left = [
+                intent.id
+                for sequence, intents in self._outstanding.items()
+                if sequence <= last
+                for intent in intents
+            ]
+        raise TimeoutError(
+            f"Background delivery of app {self.app_name!r} still has"
+            f" {len(left)} notification(s) without an outcome:"
+            f" {', '.join(left)}. Is a channel stalled?"
+        )
 
     def shutdown(self, timeout: float) -> list[Intent]:
         self._refuse_in_worker("shutdown()")
