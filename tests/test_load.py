@@ -10,6 +10,7 @@ import logging
 import re
 import threading
 import typing as t
+from dataclasses import dataclass, field
 
 import pytest
 from flask import Flask
@@ -18,21 +19,38 @@ from notifyqueue import Intent, enqueue, signals
 from sample_app.extensions import db
 
 from .conftest import SMTPServer, require_postgres
-from .load import loaded_app, run
+from .load import commits_of, loaded_app, run
 
-REQUESTS = 5000
 CLIENTS = 8
 
 
+@pytest.mark.parametrize(
+    ("delivery", "requests"),
+    # Background mail at fewer requests: the pool's four threads share the
+    # two cores with the server's, and the suite should stay fast.
+    [("inline", 5000), ("background-mail", 2000)],
+)
 def test_every_committed_request_notifies_exactly_its_own_changes_once(
-    smtp_server: SMTPServer,
+    make_smtp_server: t.Callable[..., SMTPServer], delivery: str, requests: int
 ) -> None:
-    with loaded_app(require_postgres(), smtp_server) as (app, records):
-        report = run(app, smtp_server, records, REQUESTS, CLIENTS)
+    # A slow DATA keeps the pool's threads busy at once, their tasks
+    # overlapping one another and the requests' commits.
+    smtp_server = make_smtp_server()
+    smtp_server.data_delay = 0.01 if delivery != "inline" else 0.0
+    with loaded_app(require_postgres(), smtp_server, delivery) as (app, records):
+        report = run(app, smtp_server, records, requests, CLIENTS)
 
     assert report.problems == []
-    assert (report.committed, report.rolled_back) == (4500, 500)
-    assert report.emails == report.log_lines == 4500
+    assert (report.committed, report.rolled_back) == (
+        requests * 9 // 10,
+        requests // 10,
+    )
+    # One committed request in nine changes two colours.
+    assert report.emails == report.log_lines == requests
+    stats = report.stats
+    handed_off = requests if delivery == "background-mail" else 0
+    assert (stats.handed_off, stats.delivered) == (handed_off, handed_off)
+    assert (stats.failed, stats.pending, stats.inline_fallbacks) == (0, 0, 0)
 
 
 # -- channel handlers that misbehave, under threads ---------------------------
@@ -41,21 +59,32 @@ COLOUR = re.compile(r"new value: c(\d+)$")
 
 
 def number(intent: Intent) -> int | None:
-    """The request number a colour-change log intent names, else None."""
+    """The request number a colour-change log intent names, else None.
+
+    Only a request's first colour change: a pair's second (``c{n}b``) is not.
+    """
     match = COLOUR.search(intent.payload) if intent.channel == "log" else None
     return int(match.group(1)) if match else None
 
 
+@dataclass
+class Misbehaviour:
+    """What the misbehaving handlers saw: each ``batch_discarded`` as
+    ``(reason, payloads)``, and the ids of the intents that failed."""
+
+    discards: list[tuple[str, list[t.Any]]] = field(default_factory=list)
+    failed: set[str] = field(default_factory=set)
+
+
 @pytest.fixture
-def misbehaving_handlers() -> t.Iterator[list[tuple[str, list[t.Any]]]]:
+def misbehaving_handlers() -> t.Iterator[Misbehaviour]:
     """Handlers keyed on the request number n of a colour change's log intent.
 
     n % 4 == 1: a ``dispatch`` receiver of the log channel raises;
     n % 4 == 2: an ``intent_dispatched`` receiver queues "follow-up n" and
     does not commit; n % 4 == 3: it queues "audit n" and commits.
-    Yields every ``batch_discarded`` as ``(reason, payloads)``.
     """
-    discards: list[tuple[str, list[t.Any]]] = []
+    seen = Misbehaviour()
     lock = threading.Lock()
 
     def raise_for_some(sender: str, *, app: Flask, intents: list[Intent]) -> None:
@@ -76,66 +105,86 @@ def misbehaving_handlers() -> t.Iterator[list[tuple[str, list[t.Any]]]]:
 
     def discarded(sender: Flask, *, intents: list[Intent], reason: str) -> None:
         with lock:
-            discards.append((reason, [i.payload for i in intents]))
+            seen.discards.append((reason, [i.payload for i in intents]))
+
+    def failed(sender: Flask, *, intent: Intent, exception: BaseException) -> None:
+        with lock:
+            seen.failed.add(intent.id)
 
     signals.dispatch.connect(raise_for_some, sender="log")
     signals.intent_dispatched.connect(queue_or_commit)
     signals.batch_discarded.connect(discarded)
+    signals.intent_failed.connect(failed)
     try:
-        yield discards
+        yield seen
     finally:
         signals.dispatch.disconnect(raise_for_some, sender="log")
         signals.intent_dispatched.disconnect(queue_or_commit)
         signals.batch_discarded.disconnect(discarded)
+        signals.intent_failed.disconnect(failed)
 
 
+# "background": every channel, so the handlers run in the pool's threads,
+# each task in an app context (and a session) of its own.
+@pytest.mark.parametrize("delivery", ["inline", "background"])
 def test_handlers_that_raise_queue_or_commit_keep_to_their_own_request(
     smtp_server: SMTPServer,
-    misbehaving_handlers: list[tuple[str, list[t.Any]]],
+    misbehaving_handlers: Misbehaviour,
     caplog: pytest.LogCaptureFixture,
+    delivery: str,
 ) -> None:
     requests = 400
-    with loaded_app(require_postgres(), smtp_server) as (app, records):
+    with loaded_app(require_postgres(), smtp_server, delivery) as (app, records):
         report = run(app, smtp_server, records, requests, CLIENTS)
 
-    committed = [r for r in report.plans if r.kind == "commit"]
+    committed = [r for r in report.plans if r.committed]
     assert len(committed) == 360
+    mine, mixed = commits_of(report.plans, report.commits)
+    assert mixed == []
+    background = {name for name, mode in report.delivery.items() if mode != "inline"}
     logged = [message for message, _ in records.messages()]
     emailed = [m.get_content().strip() for m in smtp_server.messages]
+    all_failed: set[str] = set()
     for request in committed:
         n = request.number
+        [intents] = mine[n]
+        # The raising receiver fails the log intents of its own request only;
+        # the log channel, another receiver, still wrote the lines.
+        failed = {i.id for i in intents} & misbehaving_handlers.failed
+        assert failed == {i.id for i in intents if i.channel == "log" and n % 4 == 1}
+        all_failed |= failed
+        # The answer reports the inline channels' outcomes.
         notifications = request.body["notifications"]
-        channels = {
-            outcome: [item["channel"] for item in notifications[outcome]]
-            for outcome in ("dispatched", "failed")
-        }
-        # The raising receiver fails the log intent of its own request only;
-        # the log channel, another receiver, still wrote the line.
-        if n % 4 == 1:
-            assert channels == {"dispatched": ["mail"], "failed": ["log"]}
-        else:
-            assert channels == {"dispatched": ["log", "mail"], "failed": []}
-        line = f"Froggy colour updated: {request.froggy_id}; new value: c{n}"
-        assert logged.count(line) == 1
-        assert emailed.count(f"Froggy: {request.froggy_id}; new colour: c{n}") == 1
+        inline = {i.id for i in intents if i.channel not in background}
+        assert {item["id"] for item in notifications["failed"]} == inline & failed
+        assert {item["id"] for item in notifications["dispatched"]} == inline - failed
+        expected = request.expected()
+        for line, body in zip(expected["log"], expected["mail"], strict=True):
+            assert logged.count(line) == 1
+            assert emailed.count(body) == 1
         # A handler's commit dispatches its audit once; a follow-up queued
-        # without a commit is dropped when its request ends, never joining
-        # another request's commit.
+        # without a commit is dropped when its request (or task) ends, never
+        # joining another request's commit.
         assert logged.count(f"audit {n}") == (1 if n % 4 == 3 else 0)
         assert logged.count(f"follow-up {n}") == 0
-    assert len(emailed) == len(committed)
+    assert len(emailed) == sum(len(r.colours) for r in committed)
+    assert misbehaving_handlers.failed == all_failed
     # Not the WARNING records of follow-ups discarded at teardown.
     errors = [
         r
         for r in caplog.records
         if r.name == "notifyqueue" and r.levelno >= logging.ERROR
     ]
-    assert len(errors) == sum(1 for r in committed if r.number % 4 == 1)
+    assert len(errors) == len(all_failed)
     follow_ups = [
         discard
-        for discard in misbehaving_handlers
+        for discard in misbehaving_handlers.discards
         if discard[0] == "teardown" or "follow-up" in str(discard[1])
     ]
     assert sorted(follow_ups) == sorted(
         ("teardown", [f"follow-up {r.number}"]) for r in committed if r.number % 4 == 2
     )
+    stats = report.stats
+    assert (stats.pending, stats.abandoned, stats.inline_fallbacks) == (0, 0, 0)
+    assert stats.failed == (len(all_failed) if background else 0)
+    assert stats.delivered + stats.failed == stats.handed_off
