@@ -2,6 +2,8 @@
 
 Prints a table, writes ``benchmarks.json`` and, if matplotlib is installed
 (``pip install -e ".[bench]"``), draws ``benchmarks.png`` in ``--out``.
+B5 spends about a second on each of its inline requests (5 with ``--quick``,
+10 without), as its SMTP server stalls that long.
 """
 
 from __future__ import annotations
@@ -119,6 +121,9 @@ def _run(quick: bool, sqlite: str) -> dict[str, t.Any]:
         results["B4"] = cases.b4_memory(
             sqlite, 500 if quick else 10_000, 100 if quick else 1000
         )
+        results["B5"] = cases.b5_slow_mail(
+            sqlite, 10 if quick else 20, repeats, 5 if quick else 10
+        )
     finally:
         if pg:
             drop_schema()
@@ -134,6 +139,12 @@ def table(results: dict[str, t.Any]) -> str:
 
     def ms(spread: dict[str, float]) -> str:
         return f"{spread['median'] * 1e3:.1f} ms"
+
+    def ms_range(spread: dict[str, float]) -> str:
+        return (
+            f"{spread['median'] * 1e3:7.2f} ms"
+            f" ({spread['min'] * 1e3:.2f}–{spread['max'] * 1e3:.2f})"
+        )
 
     def x(spread: dict[str, float]) -> str:
         return f"{spread['median']:.2f}x ({spread['min']:.2f}–{spread['max']:.2f})"
@@ -155,10 +166,13 @@ def table(results: dict[str, t.Any]) -> str:
         )
     lines += ["", "B2 request overhead (per request)"]
     for name, row in results["B2"].items():
-        lines.append(
-            f"  {name:<10} notifyqueue {us(row['notifyqueue'])}"
-            f"  undecorated {us(row['undecorated'])}  ratio {x(row['ratio'])}"
-        )
+        undecorated = f"  undecorated {us(row['undecorated'])}"
+        lines += [
+            f"  {name:<10} notifyqueue {us(row['notifyqueue'])}{undecorated}"
+            f"  ratio {x(row['ratio'])}",
+            f"  {'':<10} background  {us(row['notifyqueue background'])}"
+            f"{' ' * len(undecorated)}  ratio {x(row['background ratio'])}",
+        ]
     lines += ["", f"B3 {results['B3'][0]['emails']} emails in one transaction"]
     for b3 in results["B3"]:
         lines.append(
@@ -178,11 +192,28 @@ def table(results: dict[str, t.Any]) -> str:
         f"   peak bytes per queued intent ({b4['intents']} in one transaction):"
         f" notifyqueue {peaks['notifyqueue']:.0f}, naive {peaks['naive']:.0f}",
     ]
+    b5 = results["B5"]
+    stats = b5["background stats"]
+    lines += [
+        "",
+        "B5 colour endpoint over HTTP, the SMTP server stalling"
+        f" {b5['smtp data delay']:g} s at DATA (median per request)",
+        f"  mail background {ms_range(b5['background']):<28}"
+        f"  ratio to no mail {x(b5['background ratio'])}",
+        f"  no mail         {ms_range(b5['no mail'])}",
+        f"  mail inline     {ms_range(b5['inline']):<28}"
+        f"  ratio to no mail {b5['inline ratio']:.0f}x",
+        f"  {b5['emails received']} of {b5['emails expected']} emails received,"
+        f" each once; background ({b5['background threads']} threads):"
+        f" {stats['handed_off']} handed off, {stats['delivered']} delivered,"
+        f" {stats['failed']} failed, {stats['inline_fallbacks']} inline fallbacks;"
+        f" all out {b5['seconds to settle']:.1f} s after the last request",
+    ]
     return "\n".join(lines)
 
 
 def chart(results: dict[str, t.Any], path: Path) -> bool:
-    """Draw B1-B3 as a PNG; False if matplotlib is not installed."""
+    """Draw B1-B3 and B5 as a PNG; False if matplotlib is not installed."""
     try:
         import matplotlib
         import matplotlib.ticker
@@ -191,7 +222,7 @@ def chart(results: dict[str, t.Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (b1, b2, b3) = plt.subplots(1, 3, figsize=(13, 4))
+    fig, (b1, b2, b3, b5) = plt.subplots(1, 4, figsize=(17, 4))
     rows = results["B1"]["rows"]
     sizes = [row["intents"] for row in rows]
     for side in ("notifyqueue", "naive"):
@@ -213,29 +244,30 @@ def chart(results: dict[str, t.Any], path: Path) -> bool:
     b1.set_title("B1 per-intent cost")
     b1.legend()
     names = list(results["B2"])
-    for offset, side in ((-0.2, "notifyqueue"), (0.2, "undecorated")):
+    b2_sides = (
+        (-0.27, "notifyqueue", "notifyqueue", "ratio"),
+        (0.0, "notifyqueue background", "background", "background ratio"),
+        (0.27, "undecorated", "undecorated", None),
+    )
+    for offset, side, label, ratio in b2_sides:
+        heights = [results["B2"][n][side]["median"] * 1e3 for n in names]
         b2.bar(
-            [i + offset for i in range(len(names))],
-            [results["B2"][n][side]["median"] * 1e3 for n in names],
-            width=0.4,
-            label=side,
+            [i + offset for i in range(len(names))], heights, width=0.27, label=label
         )
-    for i, name in enumerate(names):
-        top = max(
-            results["B2"][name][side]["median"]
-            for side in ("notifyqueue", "undecorated")
-        )
-        b2.annotate(
-            f"{results['B2'][name]['ratio']['median']:.2f}x",
-            (i, top * 1e3),
-            ha="center",
-            va="bottom",
-        )
+        for i, name in enumerate(names):
+            if ratio is not None:
+                b2.annotate(
+                    f"{results['B2'][name][ratio]['median']:.2f}x",
+                    (i + offset, heights[i]),
+                    ha="center",
+                    va="bottom",
+                    fontsize="small",
+                )
     b2.set_xticks(range(len(names)), names)
     b2.set_ylabel("ms per request")
     b2.set_title("B2 request overhead")
-    b2.set_ylim(top=b2.get_ylim()[1] * 1.2)
-    b2.legend(loc="upper left")
+    b2.set_ylim(top=b2.get_ylim()[1] * 1.4)
+    b2.legend(loc="upper left", fontsize="small")
     servers = [row["server"] for row in results["B3"]]
     for offset, side, label in (
         (-0.2, "notifyqueue", "notifyqueue (one connection)"),
@@ -259,6 +291,22 @@ def chart(results: dict[str, t.Any], path: Path) -> bool:
     b3.set_title("B3 mail")
     b3.set_ylim(top=b3.get_ylim()[1] * 1.25)
     b3.legend(loc="upper left")
+    row = results["B5"]
+    configs = (
+        ("background", "mail background", f"{row['background ratio']['median']:.2f}x"),
+        ("no mail", "no mail", None),
+        ("inline", "mail inline", f"{row['inline ratio']:.0f}x"),
+    )
+    for i, (key, _, ratio) in enumerate(configs):
+        height = row[key]["median"] * 1e3
+        b5.bar(i, height, width=0.6, color=f"C{i}")
+        if ratio is not None:
+            b5.annotate(ratio, (i, height), ha="center", va="bottom")
+    b5.set_yscale("log")
+    b5.set_xticks(range(len(configs)), [label for _, label, _ in configs])
+    b5.set_ylabel("ms per request (log scale)")
+    b5.set_title(f"B5 SMTP stalling {row['smtp data delay']:g} s")
+    b5.set_ylim(1, b5.get_ylim()[1] * 2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

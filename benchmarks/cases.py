@@ -1,4 +1,5 @@
-"""The benchmark cases B1-B4, each against the naive queue of :mod:`.naive`.
+"""The benchmark cases: B1-B4, each against the naive queue of :mod:`.naive`;
+B5, the request time of the sample app against a slow mail server.
 
 Every timing is taken pair by pair in one process: notifyqueue, the naive
 queue and (where it applies) the bare transaction run one after the other in
@@ -7,19 +8,24 @@ each repeat, so a ratio compares runs that met the same machine state.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import http.client
+import json
 import logging
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 import typing as t
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flask import Flask
 from sqlalchemy import event, select
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 import notifyqueue
 from notifyqueue import Channel, Intent, NotifyQueue, deferred_notify
@@ -216,14 +222,22 @@ def b2_request_overhead(
     """The sample's colour endpoint (a log and a mail intent) against the same
     endpoint with ``update_froggy_colour`` undecorated, through the test client.
 
+    ``notifyqueue background`` is the decorated endpoint on a second app whose
+    channels are all ``"delivery": "background"``: the request's own cost of
+    handing its intents off. After each of its requests the pool is waited
+    for, untimed, so its work does not land in the next side's request.
+
     The log channel's records go to a handler that drops them; mail is
     suppressed. The sample's own receivers (which log the commit and each
     email) are disconnected, so only notifyqueue's work differs.
     """
-    from notifyqueue import signals
+    from notifyqueue import signals, testing
     from sample_app import create_app, froggies, logs, views
 
-    app = create_app({"SQLALCHEMY_DATABASE_URI": database_url, "MAIL_SERVER": None})
+    config = {"SQLALCHEMY_DATABASE_URI": database_url, "MAIL_SERVER": None}
+    app = create_app(config)
+    background = create_app(config | {"NOTIFYQUEUE_DELIVERY": "background"})
+    # Both apps share the logger of their name, sample_app.
     app.logger.handlers[:] = [logging.NullHandler()]
     app.logger.propagate = False
     # Without sender=: blinker keeps a receiver disconnected from one sender
@@ -239,47 +253,65 @@ def b2_request_overhead(
         db.session.commit()
         froggy_id = db.session.scalars(select(Froggy.id)).one()
         db.session.remove()
-    client = app.test_client()
     path = f"/froggies/{froggy_id}/colour"
+    sides = {
+        "notifyqueue": (decorated, app.test_client()),
+        "notifyqueue background": (decorated, background.test_client()),
+        "undecorated": (undecorated, app.test_client()),
+    }
+    names = list(sides)
 
-    def sample() -> tuple[float, float]:
-        """Median seconds per request with and without notifyqueue, the two
-        alternating request by request (a median: a SQLite COMMIT's fsync
-        now and then takes ten times the usual)."""
-        functions = {"notifyqueue": decorated, "undecorated": undecorated}
-        times: dict[str, list[float]] = {side: [] for side in functions}
+    def sample() -> dict[str, float]:
+        """Median seconds per request of each side, the three taking turns
+        request by request in a rotating order (a median: a SQLite COMMIT's
+        fsync now and then takes ten times the usual)."""
+        times: dict[str, list[float]] = {side: [] for side in sides}
         for i in range(requests):
-            for side in sorted(functions, reverse=i % 2 == 1):
-                vars(views)["update_froggy_colour"] = functions[side]
+            for k in range(len(names)):
+                side = names[(i + k) % len(names)]
+                function, client = sides[side]
+                vars(views)["update_froggy_colour"] = function
                 started = time.perf_counter()
                 response = client.put(path, json={"colour": f"{side} {i}"})
                 times[side].append(time.perf_counter() - started)
                 assert response.status_code == 200, response.json
-        return (
-            statistics.median(times["notifyqueue"]),
-            statistics.median(times["undecorated"]),
-        )
+                if side == "notifyqueue background":
+                    testing.wait(background)
+        return {side: statistics.median(spent) for side, spent in times.items()}
 
     try:
         sample()
-        times: dict[str, list[float]] = {"notifyqueue": [], "undecorated": []}
-        ratios = []
+        times: dict[str, list[float]] = {side: [] for side in sides}
+        ratios: dict[str, list[float]] = {"notifyqueue": [], "background": []}
         for _ in range(repeats):
-            with_nq, without = sample()
-            times["notifyqueue"].append(with_nq)
-            times["undecorated"].append(without)
-            ratios.append(with_nq / without)
+            medians = sample()
+            for side, median in medians.items():
+                times[side].append(median)
+            ratios["notifyqueue"].append(
+                medians["notifyqueue"] / medians["undecorated"]
+            )
+            ratios["background"].append(
+                medians["notifyqueue background"] / medians["undecorated"]
+            )
+        stats = notifyqueue.background_stats(background)
     finally:
         vars(views)["update_froggy_colour"] = decorated
+        testing.shutdown(background)
+        with background.app_context():
+            db.engine.dispose()
         with app.app_context():
             db.session.remove()
             db.drop_all()
             db.engine.dispose()
+    if stats.failed or stats.inline_fallbacks or stats.delivered != stats.handed_off:
+        raise RuntimeError(f"B2: background delivery went wrong: {stats}")
     return {
         "requests per sample": requests,
         "notifyqueue": Spread.of(times["notifyqueue"]).as_dict(),
         "undecorated": Spread.of(times["undecorated"]).as_dict(),
-        "ratio": Spread.of(ratios).as_dict(),
+        "ratio": Spread.of(ratios["notifyqueue"]).as_dict(),
+        "notifyqueue background": Spread.of(times["notifyqueue background"]).as_dict(),
+        "background ratio": Spread.of(ratios["background"]).as_dict(),
     }
 
 
@@ -465,3 +497,219 @@ def _short(filename: str) -> str:
         if marker in parts:
             return "/".join(parts[len(parts) - parts[::-1].index(marker) :])
     return filename
+
+
+# -- B5: response time with a slow mail server ----------------------------------
+
+
+B5_CONFIGS = ("background", "no mail", "inline")
+"""B5's apps: the sample's mail channel on ``"delivery": "background"``,
+disabled, and on ``"inline"``."""
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, *args: t.Any, **kwargs: t.Any) -> None:
+        pass  # an access-log line per request is not what is measured
+
+
+@contextlib.contextmanager
+def _serve(app: Flask) -> t.Iterator[tuple[str, int]]:
+    """Serve ``app`` on a free loopback port, one thread per request."""
+    server = make_server(
+        "127.0.0.1", 0, app, threaded=True, request_handler=_QuietHandler
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield "127.0.0.1", server.port
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+def _put_colour(address: tuple[str, int], path: str, colour: str) -> float:
+    """Seconds for one ``PUT`` of a colour on a new connection, as a client
+    sees them: from the connection to the last byte of the answer."""
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection(*address, timeout=60)
+    try:
+        connection.request(
+            "PUT",
+            path,
+            json.dumps({"colour": colour}),
+            {"Content-Type": "application/json"},
+        )
+        response = connection.getresponse()
+        body = response.read()
+    finally:
+        connection.close()
+    spent = time.perf_counter() - started
+    if response.status != 200 or json.loads(body)["notifications"]["failed"]:
+        raise RuntimeError(f"B5: PUT {path} answered {response.status}: {body!r}")
+    return spent
+
+
+def b5_slow_mail(
+    database_url: str,
+    requests: int,
+    repeats: int,
+    inline_requests: int,
+    delay: float = 1.0,
+    threads: int = 16,
+) -> dict[str, t.Any]:
+    """The sample's colour endpoint (a log and a mail intent) through a real
+    threaded HTTP server, against an SMTP server (aiosmtpd, in a process of
+    its own) that stalls ``delay`` seconds before answering each DATA.
+
+    Three apps of the sample, each on its own server: mail on
+    ``"delivery": "background"`` (``threads`` pool threads), mail disabled
+    (``"enabled": False``: an app without the channel at all answers the
+    endpoint with a 500, as its function names the channel), and mail
+    ``"inline"``. Requests are sequential, each on a new connection;
+    background and no mail take turns request by request, ``requests`` pairs
+    per sample (their figures and ratio are spreads of ``repeats`` sample
+    medians), and the ``inline_requests`` (over ``delay`` each; their figure
+    is a spread of single requests) fall evenly between them. The pool's
+    threads work throughout, beside both sides' requests: the ratio is the
+    request's own cost of rendering and handing its email off.
+
+    Afterwards every email committed must have reached the server exactly
+    once, counted by its ``X-Notifyqueue-Intent`` header.
+    """
+    from notifyqueue import signals, testing
+    from sample_app import DEFAULT_CONFIG, create_app
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.smtp_sink"]
+        + ["--data-delay", str(delay), "--ids"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert server.stdin is not None and server.stdout is not None
+    committed: list[Intent] = []
+
+    def record(sender: Flask, *, intents: list[Intent], **kwargs: t.Any) -> None:
+        committed.extend(intents)  # list.extend is atomic
+
+    apps: dict[str, Flask] = {}
+    try:
+        line = server.stdout.readline()
+        if not line:
+            raise RuntimeError("B5: the SMTP server did not start (see its stderr)")
+        port = int(line)
+        channels = DEFAULT_CONFIG["NOTIFYQUEUE_CHANNELS"]
+        mail_options = {
+            "background": {"delivery": "background"},
+            "no mail": {"enabled": False},
+            "inline": {"delivery": "inline"},
+        }
+        for config in B5_CONFIGS:
+            apps[config] = app = create_app(
+                {
+                    "SQLALCHEMY_DATABASE_URI": database_url,
+                    "MAIL_SERVER": "127.0.0.1",
+                    "MAIL_PORT": port,
+                    "MAIL_SUPPRESS_SEND": False,
+                    "NOTIFYQUEUE_CHANNELS": {
+                        "log": channels["log"],
+                        "mail": channels["mail"] | mail_options[config],
+                    },
+                    "NOTIFYQUEUE_BACKGROUND_THREADS": threads,
+                }
+            )
+            signals.batch_committed.connect(record, sender=app, weak=False)
+        # The three apps share one database, and the logger of their name.
+        app = apps["no mail"]
+        app.logger.handlers[:] = [logging.NullHandler()]
+        app.logger.propagate = False
+        with app.app_context():
+            db.drop_all()
+            db.create_all()
+            db.session.add(Froggy(name="kermit", colour="green", is_jumping=False))
+            db.session.commit()
+            froggy_id = db.session.scalars(select(Froggy.id)).one()
+            db.session.remove()
+        path = f"/froggies/{froggy_id}/colour"
+        with contextlib.ExitStack() as stack:
+            addresses = {
+                config: stack.enter_context(_serve(served))
+                for config, served in apps.items()
+            }
+            for config in B5_CONFIGS:  # warm up
+                _put_colour(addresses[config], path, f"warm-up {config}")
+            pairs = requests * repeats
+            inline_at = {
+                (pairs * (2 * k + 1)) // (2 * inline_requests)
+                for k in range(inline_requests)
+            }
+            times: dict[str, list[float]] = {config: [] for config in B5_CONFIGS}
+            medians: dict[str, list[float]] = {"background": [], "no mail": []}
+            ratios = []
+            for n in range(pairs):
+                if n in inline_at:
+                    times["inline"].append(
+                        _put_colour(addresses["inline"], path, f"inline {n}")
+                    )
+                order = ("background", "no mail")
+                for config in order if n % 2 == 0 else order[::-1]:
+                    times[config].append(
+                        _put_colour(addresses[config], path, f"{config} {n}")
+                    )
+                if n % requests == requests - 1:
+                    for config, config_medians in medians.items():
+                        config_medians.append(
+                            statistics.median(times[config][-requests:])
+                        )
+                    ratios.append(medians["background"][-1] / medians["no mail"][-1])
+        background = apps["background"]
+        handed_off = notifyqueue.background_stats(background).handed_off
+        started = time.perf_counter()
+        testing.wait(background, timeout=delay * (handed_off / threads + 2) + 30)
+        settled = time.perf_counter() - started
+        stats = notifyqueue.background_stats(background)
+    finally:
+        for app in apps.values():
+            signals.batch_committed.disconnect(record, sender=app)
+        if "background" in apps:
+            testing.shutdown(apps["background"])
+        for app in apps.values():
+            with app.app_context():
+                db.session.remove()
+                db.drop_all()
+                db.engine.dispose()
+        server.stdin.close()
+        received = server.stdout.readline()
+        ids = server.stdout.readline()
+        server.wait(timeout=30)
+    arrived: dict[str, int] = json.loads(ids or "{}")
+    expected = {intent.id for intent in committed if intent.channel == "mail"}
+    wrong = {
+        intent_id: arrived.get(intent_id, 0)
+        for intent_id in expected | arrived.keys()
+        if arrived.get(intent_id, 0) != (1 if intent_id in expected else 0)
+    }
+    if wrong:
+        raise RuntimeError(
+            f"B5: the server received {received.strip()} emails for {len(expected)}"
+            f" committed; intent id -> times received, where not once: {wrong}"
+        )
+    no_mail = Spread.of(medians["no mail"])
+    inline = Spread.of(times["inline"])
+    return {
+        "requests per sample": requests,
+        "inline requests": inline_requests,
+        "smtp data delay": delay,
+        "background threads": threads,
+        "background": Spread.of(medians["background"]).as_dict(),
+        "no mail": no_mail.as_dict(),
+        "inline": inline.as_dict(),
+        "background ratio": Spread.of(ratios).as_dict(),
+        "inline ratio": inline.median / no_mail.median,
+        "emails expected": len(expected),
+        "emails received": int(received or 0),
+        "seconds to settle": settled,
+        "background stats": asdict(stats),
+    }
