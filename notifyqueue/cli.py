@@ -1,8 +1,10 @@
-"""``flask notifyqueue``: list the configured channels, send a test notification."""
+"""``flask notifyqueue``: list the channels, send a test, drain and run the outbox."""
 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import typing as t
 
 import click
@@ -38,10 +40,11 @@ def list_channels() -> None:
         shown = {
             key: value
             for key, value in options.items()
-            if key not in ("type", "enabled", "delivery")
+            if key not in ("type", "enabled", "delivery", "durable")
         }
+        durable = " durable=True" if name in state.durable else ""
         click.echo(
-            f"{name}: type={options['type']} delivery={state.delivery[name]}"
+            f"{name}: type={options['type']} delivery={state.delivery[name]}{durable}"
             f" options={json.dumps(shown, sort_keys=True, default=repr)}"
         )
     click.echo(f"order={state.order} strict={state.strict}")
@@ -162,3 +165,238 @@ def _is_mail(channel: Channel) -> bool:
     except ImportError:  # no Flask-Mail (the mail extra): no mail channel
         return False
     return isinstance(channel, MailChannel)
+
+
+# -- the outbox ---------------------------------------------------------------
+
+
+class _GraceExpired(BaseException):
+    """A stopping drainer's in-flight work outlived NOTIFYQUEUE_SHUTDOWN_TIMEOUT."""
+
+
+@cli.command("drain")
+@click.option("--once", is_flag=True, help="Deliver what is due, then exit.")
+@click.option(
+    "--channel",
+    "channels",
+    multiple=True,
+    metavar="NAME",
+    help="Only this channel (repeat for more); default every configured one.",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Rows per claim.",
+)
+@click.option(
+    "--lease",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds a claim holds its rows; default NOTIFYQUEUE_OUTBOX_LEASE.",
+)
+@click.option(
+    "--poll",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Seconds to wait when nothing is due.",
+)
+def drain_command(
+    once: bool,
+    channels: tuple[str, ...],
+    batch: int,
+    lease: float | None,
+    poll: float,
+) -> None:
+    """Deliver durable notifications from the outbox: what a crash, a failure or
+    an expired lease left. Runs until SIGTERM or SIGINT (or, with --once, until
+    nothing is due).
+
+    On SIGTERM it stops claiming, finishes the commit it is delivering (for up
+    to NOTIFYQUEUE_SHUTDOWN_TIMEOUT seconds), hands the rest of its claim
+    back, and exits 0; past that timeout, or on a second signal, it exits 1
+    at once and what was in flight is retried once its lease expires.
+    """
+    from .outbox import drain
+
+    app, state = get_state()
+    for name in channels:
+        if name not in state.channels:
+            raise click.BadParameter(
+                f"unknown channel {name!r}; configured: {', '.join(state.channels)}.",
+                param_hint="'--channel'",
+            )
+    grace = float(app.config.get("NOTIFYQUEUE_SHUTDOWN_TIMEOUT", 10))
+    stop = threading.Event()
+
+    def on_stop(signum: int, frame: t.Any) -> None:
+        if stop.is_set():
+            raise _GraceExpired(f"a second {signal.Signals(signum).name}")
+        stop.set()
+        if grace > 0:
+            signal.setitimer(signal.ITIMER_REAL, grace)
+        else:
+            raise _GraceExpired("NOTIFYQUEUE_SHUTDOWN_TIMEOUT is 0")
+
+    def on_alarm(signum: int, frame: t.Any) -> None:
+        raise _GraceExpired(f"NOTIFYQUEUE_SHUTDOWN_TIMEOUT ({grace:g} s) passed")
+
+    handlers = {
+        signal.SIGTERM: on_stop,
+        signal.SIGINT: on_stop,
+        signal.SIGALRM: on_alarm,
+    }
+    previous = {
+        number: signal.signal(number, handler) for number, handler in handlers.items()
+    }
+    try:
+        stats = drain(
+            app,
+            once=once,
+            channels=list(channels) or None,
+            batch=batch,
+            lease=lease,
+            poll=poll,
+            stop=stop,
+        )
+    except _GraceExpired as exc:
+        click.echo(
+            f"Stopped before the delivery in flight finished ({exc}); its rows"
+            " stay leased and are retried when the lease expires.",
+            err=True,
+        )
+        raise SystemExit(1) from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    click.echo(
+        f"Drained: {stats.claimed} claimed, {stats.delivered} delivered,"
+        f" {stats.retrying} to retry, {stats.dead} dead, {stats.uncertain}"
+        f" uncertain, {stats.reclaimed} taken over from expired leases,"
+        f" {stats.released} handed back."
+    )
+
+
+@cli.group("outbox")
+def outbox_group() -> None:
+    """Create, inspect and repair the durable outbox table."""
+
+
+def _engine() -> t.Any:
+    from .outbox.store import engine_of
+
+    _, state = get_state()
+    return engine_of(state)
+
+
+@outbox_group.command("create")
+def outbox_create() -> None:
+    """Create the notifyqueue_outbox table (and its indexes) if it is missing."""
+    from .outbox import TABLE_NAME, create
+
+    engine = _engine()
+    where = engine.url.render_as_string(hide_password=True)
+    if create(engine):
+        click.echo(f"Created {TABLE_NAME} in {where}.")
+    else:
+        click.echo(f"{TABLE_NAME} already exists in {where}.")
+
+
+@outbox_group.command("sql")
+def outbox_sql() -> None:
+    """Print the outbox table's DDL for the app's database (for a migration)."""
+    from .outbox import ddl
+
+    click.echo(ddl(_engine()), nl=False)
+
+
+@outbox_group.command("status")
+def outbox_status() -> None:
+    """Rows per channel and state, the oldest due row's age, expired leases."""
+    from .outbox.settle import now
+    from .outbox.store import status
+
+    rows = status(_engine(), now())
+    if not rows:
+        click.echo("The outbox is empty.")
+        return
+    for row in rows:
+        extra = ""
+        if row.oldest_due_age is not None:
+            extra = f" oldest_due={row.oldest_due_age.total_seconds():.0f}s"
+        if row.expired_leases:
+            extra += f" expired_leases={row.expired_leases}"
+        click.echo(f"{row.channel} {row.state} {row.count}{extra}")
+
+
+@outbox_group.command("retry")
+@click.argument("ids", nargs=-1, metavar="[ID]...")
+@click.option("--dead", is_flag=True, help="Every dead row.")
+@click.option("--uncertain", is_flag=True, help="Every uncertain row.")
+def outbox_retry(ids: tuple[str, ...], dead: bool, uncertain: bool) -> None:
+    """Make rows due again now, their attempts counted from zero: the rows with
+    these intent IDs (dead, uncertain or pending), and with --dead or
+    --uncertain every row in that state. Exits 1 if an ID was refused."""
+    from .outbox.settle import now
+    from .outbox.store import make_due
+    from .outbox.table import DEAD, UNCERTAIN
+
+    states = [state for state, on in ((DEAD, dead), (UNCERTAIN, uncertain)) if on]
+    if not ids and not states:
+        raise click.UsageError("Name the rows to retry: IDs, --dead or --uncertain.")
+    made, refused = make_due(_engine(), now(), ids=ids, states=states)
+    click.echo(f"{len(made)} row(s) due again.")
+    for intent_id, why in refused.items():
+        click.echo(f"Not retried {intent_id}: {why}.", err=True)
+    if refused:
+        raise SystemExit(1)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(value: str) -> float:
+    text = value.strip().lower()
+    unit = _UNITS.get(text[-1:], None)
+    number = text[:-1] if unit is not None else text
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise click.BadParameter(
+            f"{value!r} is not a duration; use seconds or a number with s, m, h or d"
+            " (for example 7d).",
+            param_hint="'--older-than'",
+        )
+    return seconds
+
+
+@outbox_group.command("prune")
+@click.option(
+    "--older-than",
+    "older_than",
+    metavar="DURATION",
+    default=None,
+    help="Finished longer ago than this (30s, 15m, 12h, 7d); default"
+    " NOTIFYQUEUE_OUTBOX_RETAIN.",
+)
+@click.option(
+    "--dead", is_flag=True, help="Also dead and uncertain rows, not only done ones."
+)
+def outbox_prune(older_than: str | None, dead: bool) -> None:
+    """Delete finished rows, in small transactions."""
+    from datetime import timedelta
+
+    from .outbox.settle import now
+    from .outbox.store import prune
+    from .outbox.table import DEAD, DONE, UNCERTAIN
+
+    app, state = get_state()
+    seconds = state.outbox_retain if older_than is None else _duration(older_than)
+    states = (DONE, DEAD, UNCERTAIN) if dead else (DONE,)
+    count = prune(_engine(), now() - timedelta(seconds=seconds), states=states)
+    click.echo(f"Pruned {count} row(s).")

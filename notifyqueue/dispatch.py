@@ -146,3 +146,23 @@ def send_isolated(signal: NamedSignal, sender: t.Any, **kwargs: t.Any) -> None:
                 receiver,
                 signal.name,
             )
+
+
+def remove_thread_session(state: State) -> None:
+    """Remove the session a task off the committing thread used, if it outlives
+    the task's app context.
+
+    A Flask-SQLAlchemy session is scoped to the app context and removed by
+    its teardown; a thread-local ``scoped_session`` would keep its connection
+    in this pool thread.
+    """
+    registry = state.session.registry
+    try:
+        present = registry.has()
+    except RuntimeError:  # scoped to an app context, which has ended
+        return
+    if present:
+        try:
+            state.session.remove()
+        except Exception:
+            logger.exception("Removing the session after a delivery task raised.")

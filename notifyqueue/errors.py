@@ -40,6 +40,63 @@ class LifecycleError(NotifyQueueError, RuntimeError):
     """The extension is used outside its lifecycle (no app context, no init)."""
 
 
+class OutboxError(NotifyQueueError, RuntimeError):
+    """The outbox cannot be used: its table is missing, or a payload is not JSON."""
+
+
+class DeliveryFailure(NotifyQueueError):
+    """Raise a subclass from :meth:`~notifyqueue.Channel.send` (or list one in a
+    :class:`DeliveryError`) to say what kind of failure a durable channel hit.
+
+    Any other exception counts as :class:`TransientFailure`, unless the
+    channel's :meth:`~notifyqueue.Channel.failure_kind` says otherwise.
+    """
+
+    kind: t.ClassVar[str] = "transient"
+
+
+class TransientFailure(DeliveryFailure):
+    """It may work later: retried with backoff, up to ``max_attempts``."""
+
+    kind = "transient"
+
+
+class PermanentFailure(DeliveryFailure):
+    """It will never work: the outbox row goes to ``dead`` at once."""
+
+    kind = "permanent"
+
+
+class UncertainFailure(DeliveryFailure):
+    """It may have been delivered: the row goes to ``uncertain``, never retried
+    automatically (``flask notifyqueue outbox retry --uncertain`` does)."""
+
+    kind = "uncertain"
+
+
+_KIND_ATTRIBUTE = "__notifyqueue_failure__"
+
+
+def mark_failure(exc: BaseException, kind: str) -> BaseException:
+    """Tag ``exc`` with a failure kind (``"transient"``, ``"permanent"`` or
+    ``"uncertain"``) that :meth:`~notifyqueue.Channel.failure_kind` reads;
+    return it. For a channel that reports the original exception."""
+    if kind not in ("transient", "permanent", "uncertain"):
+        raise ValueError(
+            f"kind is {kind!r}; use 'transient', 'permanent' or 'uncertain'."
+        )
+    setattr(exc, _KIND_ATTRIBUTE, kind)
+    return exc
+
+
+def marked_failure(exc: BaseException) -> str | None:
+    """The kind :func:`mark_failure` or a :class:`DeliveryFailure` gives ``exc``."""
+    if isinstance(exc, DeliveryFailure):
+        return exc.kind
+    kind = getattr(exc, _KIND_ATTRIBUTE, None)
+    return kind if isinstance(kind, str) else None
+
+
 class DeliveryError(NotifyQueueError):
     """Some intents of a batch could not be delivered.
 

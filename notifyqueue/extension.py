@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 import typing as t
 import weakref
@@ -14,6 +15,8 @@ from .channels import Channel, resolve_channel_class
 from .cli import cli
 from .delivery import MODES, DeliveryMode
 from .errors import ArgumentTypeError, ConfigurationError, LifecycleError, TemplateError
+from .outbox.policy import OPTIONS as RETRY_OPTIONS
+from .outbox.policy import RetryPolicy
 from .state import EXTENSION_KEY, State, state_of
 from .transaction import begin_teardown, end_teardown, watch
 
@@ -21,7 +24,7 @@ _ORDERS = ("channel", "call")
 # Names a channel cannot have: keywords of @deferred_notify and its wrapper.
 _RESERVED = ("notify", "when")
 # Channel options the extension consumes; never passed to a channel class.
-_CONSUMED = ("type", "enabled", "delivery")
+_CONSUMED = ("type", "enabled", "delivery", "durable", *RETRY_OPTIONS)
 
 
 def _defaults() -> dict[str, t.Any]:
@@ -34,6 +37,9 @@ def _defaults() -> dict[str, t.Any]:
         "NOTIFYQUEUE_ORDER": "channel",
         "NOTIFYQUEUE_STRICT": False,
         "NOTIFYQUEUE_DELIVERY": "inline",
+        "NOTIFYQUEUE_DURABLE": False,
+        "NOTIFYQUEUE_OUTBOX_LEASE": 60,
+        "NOTIFYQUEUE_OUTBOX_RETAIN": 0,
     }
     for mode in MODES.values():
         defaults.update(mode.settings)
@@ -65,6 +71,9 @@ def _state_from_config(
             f"NOTIFYQUEUE_STRICT is {strict!r}; use True or False."
         )
     default_mode = _mode_name(settings["NOTIFYQUEUE_DELIVERY"], "NOTIFYQUEUE_DELIVERY")
+    default_durable = _flag(settings["NOTIFYQUEUE_DURABLE"], "NOTIFYQUEUE_DURABLE")
+    lease = _seconds(settings, "NOTIFYQUEUE_OUTBOX_LEASE", minimum_above=0)
+    retain = _seconds(settings, "NOTIFYQUEUE_OUTBOX_RETAIN", minimum_above=None)
     for mode in MODES.values():
         mode.check_settings(settings)
     configured = settings["NOTIFYQUEUE_CHANNELS"]
@@ -77,13 +86,20 @@ def _state_from_config(
     channels: dict[str, Channel] = {}
     options: dict[str, dict[str, t.Any]] = {}
     delivery: dict[str, str] = {}
+    durable: set[str] = set()
+    retry: dict[str, RetryPolicy] = {}
     disabled = set()
     for name, channel_options in configured.items():
         if _enabled(name, channel_options):
+            where = f"NOTIFYQUEUE_CHANNELS[{name!r}]"
             delivery[name] = _mode_name(
-                channel_options.get("delivery", default_mode),
-                f"NOTIFYQUEUE_CHANNELS[{name!r}]['delivery']",
+                channel_options.get("delivery", default_mode), f"{where}['delivery']"
             )
+            if _flag(
+                channel_options.get("durable", default_durable), f"{where}['durable']"
+            ):
+                durable.add(name)
+                retry[name] = RetryPolicy.from_options(channel_options, where)
             channels[name] = _build_channel(app, name, channel_options)
         else:
             disabled.add(name)
@@ -107,6 +123,10 @@ def _state_from_config(
         modes,
         preparing=preparing,
         disabled=frozenset(disabled),
+        durable=frozenset(durable),
+        retry=retry,
+        outbox_lease=lease,
+        outbox_retain=retain,
     )
 
 
@@ -117,6 +137,30 @@ def _mode_name(value: t.Any, where: str) -> str:
             f" {', '.join(repr(name) for name in MODES)}."
         )
     return value
+
+
+def _flag(value: t.Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{where} is {value!r}; use True or False.")
+    return value
+
+
+def _seconds(
+    settings: t.Mapping[str, t.Any], key: str, *, minimum_above: float | None
+) -> float:
+    """A number of seconds: above ``minimum_above``, or 0 or more if ``None``."""
+    value = settings[key]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or (value <= minimum_above if minimum_above is not None else value < 0)
+    ):
+        what = "above 0" if minimum_above is not None else "0 or more"
+        raise ConfigurationError(
+            f"{key} is {value!r}; use a number of seconds, {what}."
+        )
+    return float(value)
 
 
 def _check_promises(order: str, strict: bool, delivery: dict[str, str]) -> None:

@@ -8,6 +8,7 @@ import typing as t
 from . import signals
 from .errors import ChannelNotFound, DeliveryError
 from .intent import BatchResult, Intent
+from .outbox.fast_path import check_payload
 from .state import State, get_state
 from .transaction import add_intents, current_batch
 
@@ -32,6 +33,10 @@ def queue_rendered(
         intents.append(
             Intent.new(name, channels[name].render(template, context), source)
         )
+    if state.durable:
+        for intent in intents:
+            if intent.channel in state.durable:
+                check_payload(intent)
     # The registry directly: scoped_session.__call__ adds a frame and checks
     # for keyword arguments we never pass.
     session = state.session.registry()

@@ -47,6 +47,21 @@ intent_failed = namespace.signal(
     Keywords: ``intent``, ``exception``.""",
 )
 
+intent_retrying = namespace.signal(
+    "intent-retrying",
+    doc="""Sent when a durable channel's intent failed transiently and the
+    outbox will try it again. Sender: the app. Keywords: ``intent``,
+    ``attempt`` (the attempt that failed, the first is 1), ``exception``,
+    ``next_attempt_at`` (an aware UTC datetime).""",
+)
+
+intent_dead = namespace.signal(
+    "intent-dead",
+    doc="""Sent when a durable channel's intent will not be tried again: a
+    permanent failure, or its last attempt failed. Sender: the app.
+    Keywords: ``intent``, ``exception``.""",
+)
+
 batch_discarded = namespace.signal(
     "batch-discarded",
     doc="""Sent when intents are dropped without dispatch. Sender: the app.
@@ -61,6 +76,8 @@ __all__ = [
     "dispatch",
     "intent_dispatched",
     "intent_failed",
+    "intent_dead",
     "intent_queued",
+    "intent_retrying",
     "namespace",
 ]

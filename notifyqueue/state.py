@@ -20,6 +20,7 @@ if t.TYPE_CHECKING:
     from .channels import Channel
     from .delivery.base import DeliveryMode
     from .intent import Intent
+    from .outbox.policy import RetryPolicy
 
 EXTENSION_KEY = "notifyqueue"
 
@@ -54,6 +55,14 @@ class State:
     captures: list[Capture] = dataclasses.field(default_factory=list)
     disabled: frozenset[str] = frozenset()
     """Channels configured with ``"enabled": False``: named, never queued to."""
+    durable: frozenset[str] = frozenset()
+    """Enabled channels whose intents go through the outbox (``"durable": True``)."""
+    retry: dict[str, RetryPolicy] = dataclasses.field(default_factory=dict)
+    """Durable channel name -> its retry options."""
+    outbox_lease: float = 60.0
+    """``NOTIFYQUEUE_OUTBOX_LEASE``: seconds a claim (or the fast path) holds a row."""
+    outbox_retain: float = 0.0
+    """``NOTIFYQUEUE_OUTBOX_RETAIN``: seconds a delivered row is kept; 0 deletes it."""
 
     @property
     def single_mode(self) -> DeliveryMode | None:

@@ -26,7 +26,12 @@ class SMTPServer:
     - ``"550"``: refuse the sender; the connection goes on;
     - ``"421"``: answer "service closing" and close the connection;
     - ``"drop"``: drop the connection without an answer;
-    - ``"stall"``: answer only after ``stall_seconds``, past a client's timeout.
+    - ``"stall"``: answer only after ``stall_seconds``, past a client's timeout;
+    - ``"451"``: refuse the sender for now (a transient 4xx); the connection
+      goes on;
+    - ``"drop-after-data"``: accept the message (it is in ``messages``), then
+      drop the connection before answering the final ``.`` of DATA, so the
+      client cannot know it arrived.
     """
 
     host: str
@@ -75,6 +80,11 @@ class _Handler:
         fault = self.server.faults.get(self.server.mail_commands)
         if fault == "550":
             return "550 5.7.1 sender refused"
+        if fault == "451":
+            return "451 4.3.0 try again later"
+        if fault == "drop-after-data":
+            envelope.drop_after_data = True
+            fault = None
         if fault in ("421", "drop"):
             if fault == "421":
                 await server.push("421 4.3.2 service shutting down")
@@ -103,6 +113,8 @@ class _Handler:
         self.server.messages.append(
             message_from_bytes(envelope.content, policy=policy.default)
         )
+        if getattr(envelope, "drop_after_data", False):
+            server.transport.abort()
         return "250 Message accepted for delivery"
 
 
@@ -112,14 +124,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_smtp_server(**options: t.Any) -> tuple[SMTPServer, t.Callable[[], None]]:
-    """Start a server on a free loopback port; return it and its stop function.
+def start_smtp_server(
+    port: int | None = None, **options: t.Any
+) -> tuple[SMTPServer, t.Callable[[], None]]:
+    """Start a server on ``port`` (default a free loopback one); return it and its
+    stop function. Start one again on a stopped one's port to bring it back.
 
     Keyword arguments go to aiosmtpd's ``Controller`` (``data_size_limit``...).
     """
     from aiosmtpd.controller import Controller
 
-    server = SMTPServer("127.0.0.1", free_port())
+    server = SMTPServer("127.0.0.1", port or free_port())
     controller = Controller(
         _Handler(server),
         hostname=server.host,

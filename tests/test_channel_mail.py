@@ -171,7 +171,7 @@ def test_messages_arrive_in_call_order_with_intent_id_header(
     ]
     # The Message-ID is the intent's: unique, and the same if it is ever resent.
     assert [m["Message-ID"] for m in smtp_server.messages] == [
-        f"<{intent.id}@{socket.getfqdn()}>" for intent in intents
+        f"<{intent.id}@example.com>" for intent in intents
     ]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typing as t
 
-from ..errors import TemplateError
+from ..errors import TemplateError, marked_failure
 from ..templates import Raw, Template, compile_template
 
 if t.TYPE_CHECKING:
@@ -71,6 +71,17 @@ class Channel:
         (the others count as delivered); any other exception fails the batch.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement send().")
+
+    def failure_kind(self, exc: BaseException) -> str:
+        """Classify a failure of :meth:`send` for a durable channel's retries.
+
+        Return ``"transient"`` (retry with backoff), ``"permanent"`` (never
+        retry) or ``"uncertain"`` (it may have been delivered: do not retry
+        automatically). The base class reads a
+        :class:`~notifyqueue.DeliveryFailure` subclass or
+        :func:`~notifyqueue.mark_failure`, and calls anything else transient.
+        """
+        return marked_failure(exc) or "transient"
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import difflib
+import functools
 import logging
 import smtplib
 import socket
@@ -16,7 +17,14 @@ import jinja2
 from flask import current_app, render_template
 from flask_mail import email_dispatched
 
-from ..errors import ConfigurationError, DeliveryError, PayloadError, TemplateError
+from ..errors import (
+    ConfigurationError,
+    DeliveryError,
+    PayloadError,
+    TemplateError,
+    mark_failure,
+    marked_failure,
+)
 from ..templates import Raw, Template, compile_template, is_field_path
 from .base import Channel
 from .mail_headers import (
@@ -27,7 +35,14 @@ from .mail_headers import (
     check_header,
 )
 from .mail_message import MailAttachment, MailMessage
-from .mail_smtp import SMTPConnection, close, reset, unreachable_error
+from .mail_smtp import (
+    SMTPConnection,
+    close,
+    data_was_sent,
+    failure_kind,
+    reset,
+    unreachable_error,
+)
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -307,8 +322,12 @@ class MailChannel(Channel):
                         connection = None
                     continue
                 except OSError as exc:
-                    # Whether this one arrived is unknown; it is not retried
-                    # (at most once). The next message opens a new connection.
+                    # Lost before the data went out in full: it did not
+                    # arrive. After: whether it arrived is unknown, and the
+                    # outbox does not retry it. Either way the next message
+                    # opens a new connection.
+                    if data_was_sent(connection):
+                        mark_failure(exc, "uncertain")
                     failures[intent.id] = exc
                     close(connection)
                     connection = None
@@ -316,8 +335,9 @@ class MailChannel(Channel):
                 except Exception as exc:
                     # The message could not be built, or smtplib met something
                     # it does not handle: this message alone fails. It may have
-                    # left an SMTP transaction half open, so reset that.
-                    failures[intent.id] = exc
+                    # left an SMTP transaction half open, so reset that. A
+                    # retry would meet the same problem.
+                    failures[intent.id] = mark_failure(exc, "permanent")
                     if not reset(connection):
                         connection = None
                     continue
@@ -331,6 +351,11 @@ class MailChannel(Channel):
                 close(connection)
         if failures:
             raise DeliveryError(failures)
+
+    def failure_kind(self, exc: BaseException) -> str:
+        """SMTP 5xx permanent; 4xx and a connection lost before the message data
+        went out transient; lost after it, uncertain (it may have arrived)."""
+        return marked_failure(exc) or failure_kind(exc)
 
     def _deliver(self, app: Flask, connection: SMTPConnection, intent: Intent) -> None:
         """Build and send one message, then send Flask-Mail's ``email_dispatched``.
@@ -403,8 +428,16 @@ class MailChannel(Channel):
             for entry in payload.get("attachments", ())
         ]
         message.extra_headers = {"X-Notifyqueue-Intent": intent.id}
-        message.msgId = f"<{intent.id}@{self._domain}>"
+        message.msgId = f"<{intent.id}@{_id_domain(message.sender, self._domain)}>"
         return message
+
+
+@functools.lru_cache(maxsize=64)
+def _id_domain(sender: str, fallback: str) -> str:
+    """The Message-ID's domain: the sender's, the same wherever it is resent from
+    (a drainer on another host); this host's name if that is not ASCII."""
+    domain = address_of(sender).domain
+    return domain if domain and domain.isascii() else fallback
 
 
 def _shape_problem(template: t.Any, raw: bool) -> str | None:

@@ -8,6 +8,8 @@ import typing as t
 
 from flask_mail import Connection
 
+from ..errors import mark_failure
+
 logger = logging.getLogger("notifyqueue")
 
 
@@ -44,15 +46,29 @@ class _RefusalsRaise:
 
     smtplib returns partial refusals, and Flask-Mail drops the return value:
     without this a message that missed a recipient would count as delivered.
+    Such a refusal is permanent for the outbox's retries: the recipients who
+    were not refused have the message.
+
+    It also records whether the current message's data went out in full
+    (``data_sent``): a connection lost after that may have delivered it.
     """
 
+    data_sent = False
+
     def sendmail(self, *args: t.Any, **kwargs: t.Any) -> dict[str, tuple[int, bytes]]:
+        self.data_sent = False
         refused: dict[str, tuple[int, bytes]] = super().sendmail(  # type: ignore[misc]
             *args, **kwargs
         )
         if refused:
-            raise smtplib.SMTPRecipientsRefused(refused)
+            raise mark_failure(smtplib.SMTPRecipientsRefused(refused), "permanent")
         return refused
+
+    def send(self, s: t.Any) -> None:
+        super().send(s)  # type: ignore[misc]
+        # smtplib's data() ends the message with CRLF "." CRLF, in one send().
+        if isinstance(s, bytes) and s.endswith(b"\r\n.\r\n"):
+            self.data_sent = True
 
 
 class _SMTP(_RefusalsRaise, smtplib.SMTP):
@@ -94,6 +110,27 @@ class SMTPConnection(Connection):
         if mail.username and mail.password:
             host.login(mail.username, mail.password)
         return host
+
+
+def data_was_sent(connection: SMTPConnection) -> bool:
+    """Whether the message in flight on ``connection`` had all its data sent."""
+    return bool(getattr(connection.host, "data_sent", False))
+
+
+def failure_kind(exc: BaseException) -> str:
+    """SMTP's answer as a retry decision: 5xx permanent, 4xx transient."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        codes = [code for code, _ in exc.recipients.values()]
+        return (
+            "permanent"
+            if codes and all(code >= 500 for code in codes)
+            else ("transient")
+        )
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return "permanent" if exc.smtp_code >= 500 else "transient"
+    if isinstance(exc, smtplib.SMTPNotSupportedError):
+        return "permanent"
+    return "transient"
 
 
 def close(connection: SMTPConnection) -> None:

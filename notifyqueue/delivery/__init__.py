@@ -17,6 +17,7 @@ from ..context import current_context
 from ..dispatch import record_batch, send_isolated
 from ..errors import DeliveryError
 from ..intent import BatchResult
+from ..outbox.fast_path import write_batch
 from ..state import get_state, state_of
 from .background import BackgroundDelivery, BackgroundStats
 from .base import DeliveryMode
@@ -63,10 +64,13 @@ def background_stats(app: Flask | None = None) -> BackgroundStats:
 
 
 def before_commit(session: Session, app: Flask | None, intents: list[Intent]) -> None:
-    """Give each mode the intents of its channels just before the root COMMIT."""
+    """Write the durable intents to the outbox, then give each mode the intents
+    of its channels, just before the root COMMIT."""
     if app is None or not intents:
         return
     state = state_of(app)
+    if state.durable:
+        write_batch(session, app, state, intents)
     if not state.preparing:
         return
     for _, mode, part in _parts(state, intents):

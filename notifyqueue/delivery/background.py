@@ -19,9 +19,10 @@ import typing as t
 import weakref
 
 from .. import signals
-from ..dispatch import dispatch_batch, send_isolated
+from ..dispatch import remove_thread_session, send_isolated
 from ..errors import ConfigurationError, LifecycleError
 from ..intent import BatchResult
+from ..outbox.fast_path import dispatch
 from ..state import state_of
 from .base import DeliveryMode
 
@@ -166,7 +167,7 @@ class BackgroundDelivery(DeliveryMode):
             why,
             len(intents),
         )
-        dispatch_batch(app, state, intents, result)
+        dispatch(app, state, intents, result)
 
     def _start(self) -> None:
         """Start the workers (the lock is held)."""
@@ -296,7 +297,7 @@ def _run_task(app: Flask, intents: list[Intent]) -> BatchResult:
     result = BatchResult(committed=True)
     try:
         with app.app_context():
-            dispatch_batch(app, state, intents, result)
+            dispatch(app, state, intents, result)
     except BaseException as exc:  # noqa: B036 - a worker must outlive any task
         decided = {intent.id for intent in result.dispatched}
         decided.update(intent.id for intent, _ in result.failed)
@@ -314,29 +315,8 @@ def _run_task(app: Flask, intents: list[Intent]) -> BatchResult:
             result.failed.append((intent, exc))
             send_isolated(signals.intent_failed, app, intent=intent, exception=exc)
     finally:
-        _remove_session(state)
+        remove_thread_session(state)
     return result
-
-
-def _remove_session(state: State) -> None:
-    """Remove the session a task used in this thread, if it outlives the context.
-
-    A Flask-SQLAlchemy session is scoped to the app context and removed by
-    its teardown; a thread-local ``scoped_session`` would keep its connection
-    in this pool thread.
-    """
-    registry = state.session.registry
-    try:
-        present = registry.has()
-    except RuntimeError:  # scoped to an app context, which has ended
-        return
-    if present:
-        try:
-            state.session.remove()
-        except Exception:
-            logger.exception(
-                "Removing the session after a background delivery task raised."
-            )
 
 
 _pools: weakref.WeakSet[BackgroundDelivery] = weakref.WeakSet()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typing as t
 
-from ..dispatch import dispatch_batch
+from ..outbox.fast_path import dispatch
 from .base import DeliveryMode
 
 if t.TYPE_CHECKING:
@@ -22,4 +22,4 @@ class InlineDelivery(DeliveryMode):
     def deliver(
         self, app: Flask, state: State, intents: list[Intent], result: BatchResult
     ) -> None:
-        dispatch_batch(app, state, intents, result)
+        dispatch(app, state, intents, result)

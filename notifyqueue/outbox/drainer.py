@@ -1,0 +1,276 @@
+"""The drainer: claims due outbox rows, delivers them, settles what became of them.
+
+It delivers what the fast path could not: rows of a process that died after
+its COMMIT, rows whose delivery failed and is due for a retry, and rows whose
+lease expired. Any number of drainers may run at once, in threads or
+processes: a claim leases each row to one of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+import typing as t
+from datetime import datetime, timedelta
+
+from ..dispatch import dispatch_batch, remove_thread_session
+from ..errors import ConfigurationError
+from ..intent import BatchResult, Intent
+from ..state import get_state
+from . import store
+from .fast_path import new_owner
+from .policy import RetryPolicy
+from .settle import now as clock
+from .settle import settle_result
+from .table import DEAD, DONE, LEASED, PENDING, UNCERTAIN
+
+if t.TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import sqlalchemy as sa
+    from flask import Flask
+
+    from ..state import State
+
+logger = logging.getLogger("notifyqueue")
+
+_PRUNE_EVERY = 60.0  # seconds between prunes of done rows, when retained
+
+
+@dataclasses.dataclass
+class DrainStats:
+    """What one :func:`drain` call did.
+
+    :param claimed: rows claimed (each counts an attempt).
+    :param delivered: of those, delivered and marked done.
+    :param retrying: failed transiently, due again later.
+    :param dead: failed permanently, or out of attempts.
+    :param uncertain: outcome unknown, not retried automatically.
+    :param reclaimed: claimed after an earlier lease had expired (its
+        worker died or overran the lease: a possible duplicate).
+    :param released: handed back untried when the drainer was stopped.
+    """
+
+    claimed: int = 0
+    delivered: int = 0
+    retrying: int = 0
+    dead: int = 0
+    uncertain: int = 0
+    reclaimed: int = 0
+    released: int = 0
+
+
+def drain(
+    app: Flask,
+    *,
+    once: bool = False,
+    channels: Sequence[str] | None = None,
+    batch: int = 100,
+    lease: float | None = None,
+    poll: float = 1.0,
+    stop: threading.Event | None = None,
+    now: datetime | None = None,
+) -> DrainStats:
+    """Deliver what is due in ``app``'s outbox.
+
+    Claims up to ``batch`` due rows in a short transaction, delivers them
+    grouped by commit (each channel batch in call order, one ``send()`` per
+    channel batch, inside an app context, with the same signals as the fast
+    path), then settles them in another; no transaction is open while a
+    channel sends.
+
+    :param once: deliver what is due, then return; otherwise poll until
+        ``stop`` is set.
+    :param channels: only these channels; default every channel ``app``
+        configures (rows of other channels are left alone).
+    :param batch: rows per claim: fewer means fewer deliveries repeated after
+        a crash, more means fewer transactions.
+    :param lease: seconds a claim holds its rows; default
+        ``NOTIFYQUEUE_OUTBOX_LEASE``. Keep it well above the longest send.
+    :param poll: seconds to wait when nothing is due.
+    :param stop: set it to stop: no new claim, the commit being delivered is
+        finished, and the rest of the claim handed back.
+    :param now: for tests: the time taken as now when choosing due rows (a
+        later one makes retries and expired leases due).
+    :raises ConfigurationError: a bad argument, or an unknown channel.
+    """
+    _, state = get_state(app)
+    _check_arguments(state, channels, batch, lease, poll)
+    names = list(channels) if channels else list(state.channels)
+    lease_seconds = state.outbox_lease if lease is None else float(lease)
+    stop = stop or threading.Event()
+    owner = new_owner()
+    with app.app_context():
+        engine = store.engine_of(state)
+    stats = DrainStats()
+    last_prune = 0.0
+    logger.debug("Draining the outbox of app %r as %s.", app.name, owner)
+    while not stop.is_set():
+        moment = now or clock()
+        rows = store.claim(
+            engine, owner, batch=batch, lease=lease_seconds, now=moment, channels=names
+        )
+        if rows:
+            _deliver_claim(app, state, engine, owner, rows, stop, stats)
+            continue
+        if state.outbox_retain > 0 and time.monotonic() - last_prune > _PRUNE_EVERY:
+            last_prune = time.monotonic()
+            store.prune(engine, clock() - timedelta(seconds=state.outbox_retain))
+        if once:
+            break
+        stop.wait(poll)
+    return stats
+
+
+def _check_arguments(
+    state: State,
+    channels: Sequence[str] | None,
+    batch: int,
+    lease: float | None,
+    poll: float,
+) -> None:
+    if channels is not None and isinstance(channels, str):
+        raise ConfigurationError(
+            f"channels is the str {channels!r}; pass a list of channel names."
+        )
+    for name in channels or ():
+        if name not in state.channels:
+            raise ConfigurationError(
+                f"Unknown channel {name!r}; this app's channels are"
+                f" {', '.join(state.channels)}."
+            )
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigurationError(f"batch is {batch!r}; use a whole number, 1 or more.")
+    for what, value in (("lease", lease), ("poll", poll)):
+        if value is None and what == "lease":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigurationError(
+                f"{what} is {value!r}; use a number of seconds above 0."
+            )
+
+
+def _deliver_claim(
+    app: Flask,
+    state: State,
+    engine: sa.Engine,
+    owner: str,
+    rows: list[store.Claimed],
+    stop: threading.Event,
+    stats: DrainStats,
+) -> None:
+    """Deliver one claim commit by commit; hand back what a stop leaves untried."""
+    stats.claimed += len(rows)
+    reclaimed = [row for row in rows if row.previous_state == LEASED]
+    if reclaimed:
+        stats.reclaimed += len(reclaimed)
+        logger.warning(
+            "Took over %d outbox row(s) of app %r whose lease had expired (their"
+            " worker died, or overran NOTIFYQUEUE_OUTBOX_LEASE): %s.",
+            len(reclaimed),
+            app.name,
+            ", ".join(row.intent_id for row in reclaimed),
+        )
+    commits: dict[str, list[store.Claimed]] = {}
+    for row in rows:
+        commits.setdefault(row.commit_id, []).append(row)
+    groups = list(commits.values())
+    for number, group in enumerate(groups):
+        if stop.is_set():
+            _hand_back(app, engine, owner, groups[number:], stats)
+            return
+        try:
+            _deliver_commit(app, state, engine, owner, group, stats)
+        except BaseException:
+            # KeyboardInterrupt, or a stop past its grace period: what was
+            # being sent keeps its lease; the rest goes back at once.
+            _hand_back(app, engine, owner, groups[number + 1 :], stats)
+            raise
+
+
+def _deliver_commit(
+    app: Flask,
+    state: State,
+    engine: sa.Engine,
+    owner: str,
+    group: list[store.Claimed],
+    stats: DrainStats,
+) -> None:
+    group.sort(key=lambda row: row.position)
+    tried: list[tuple[Intent, int]] = []
+    given_up: list[tuple[Intent, int, str]] = []
+    unreadable: list[store.Outcome] = []
+    for row in group:
+        try:
+            intent = Intent.from_dict(json.loads(row.intent))
+        except (ValueError, TypeError) as exc:
+            unreadable.append(
+                store.Outcome(
+                    row.intent_id,
+                    row.attempts,
+                    DEAD,
+                    None,
+                    f"the stored intent cannot be read: {exc}",
+                )
+            )
+            continue
+        policy = state.retry.get(row.channel, RetryPolicy())
+        if row.attempts > policy.max_attempts:
+            # Counted at claim: a row whose every attempt killed its worker
+            # still runs out of attempts.
+            given_up.append(
+                (
+                    intent,
+                    row.attempts,
+                    f"gave up: {row.attempts - 1} attempt(s) of"
+                    f" {policy.max_attempts} never reported an outcome (the"
+                    " worker died or overran its lease)",
+                )
+            )
+        else:
+            tried.append((intent, row.attempts))
+    if unreadable:
+        stats.dead += len(
+            store.settle(
+                engine, owner, unreadable, retain=state.outbox_retain, now=clock()
+            )
+        )
+        for outcome in unreadable:
+            logger.error(
+                "Outbox row %s of app %r is dead: %s.",
+                outcome.intent_id,
+                app.name,
+                outcome.last_error,
+            )
+    result = BatchResult(committed=True)
+    try:
+        with app.app_context():
+            if tried:
+                dispatch_batch(app, state, [intent for intent, _ in tried], result)
+            counts = settle_result(app, state, engine, owner, tried, result, given_up)
+    finally:
+        remove_thread_session(state)
+    stats.delivered += counts.get(DONE, 0)
+    stats.retrying += counts.get(PENDING, 0)
+    stats.dead += counts.get(DEAD, 0)
+    stats.uncertain += counts.get(UNCERTAIN, 0)
+
+
+def _hand_back(
+    app: Flask,
+    engine: sa.Engine,
+    owner: str,
+    groups: list[list[store.Claimed]],
+    stats: DrainStats,
+) -> None:
+    rows = [row for group in groups for row in group]
+    if not rows:
+        return
+    released = store.release(engine, owner, rows, now=clock())
+    stats.released += len(released)
+    logger.info(
+        "Handed back %d untried outbox row(s) of app %r.", len(released), app.name
+    )
