@@ -280,7 +280,8 @@ class BackgroundDelivery(DeliveryMode):
                 "Background delivery of app %r stopped with %d notification(s)"
                 " without an outcome (%s=%s s). Never started: %s. Still running,"
                 " outcome unknown: %s. Background delivery is at most once; use"
-                " durable delivery for what must survive a shutdown.",
+                " durable delivery for what must survive a shutdown (a durable"
+                " channel's intents stay in the outbox, for the drainer).",
                 self.app_name,
                 len(not_started) + len(running),
                 _TIMEOUT,

@@ -93,8 +93,8 @@ def drain(
     :param poll: seconds to wait when nothing is due.
     :param stop: set it to stop: no new claim, the commit being delivered is
         finished, and the rest of the claim handed back.
-    :param now: for tests: the time taken as now when choosing due rows (a
-        later one makes retries and expired leases due).
+    :param now: for tests: the time taken as now (a later one makes retries
+        and expired leases due; leases and retry delays count from it).
     :raises ConfigurationError: a bad argument, or an unknown channel.
     """
     _, state = get_state(app)
@@ -108,13 +108,22 @@ def drain(
     stats = DrainStats()
     last_prune = 0.0
     logger.debug("Draining the outbox of app %r as %s.", app.name, owner)
+    # --once delivers what is due when it starts: a row it retries is not
+    # due again within the same run, however short its backoff.
+    cutoff = (now or clock()) if once else None
     while not stop.is_set():
         moment = now or clock()
         rows = store.claim(
-            engine, owner, batch=batch, lease=lease_seconds, now=moment, channels=names
+            engine,
+            owner,
+            batch=batch,
+            lease=lease_seconds,
+            now=moment,
+            channels=names,
+            due_by=cutoff,
         )
         if rows:
-            _deliver_claim(app, state, engine, owner, rows, stop, stats)
+            _deliver_claim(app, state, engine, owner, rows, stop, stats, now)
             continue
         if state.outbox_retain > 0 and time.monotonic() - last_prune > _PRUNE_EVERY:
             last_prune = time.monotonic()
@@ -161,6 +170,7 @@ def _deliver_claim(
     rows: list[store.Claimed],
     stop: threading.Event,
     stats: DrainStats,
+    moment: datetime | None,
 ) -> None:
     """Deliver one claim commit by commit; hand back what a stop leaves untried."""
     stats.claimed += len(rows)
@@ -183,7 +193,7 @@ def _deliver_claim(
             _hand_back(app, engine, owner, groups[number:], stats)
             return
         try:
-            _deliver_commit(app, state, engine, owner, group, stats)
+            _deliver_commit(app, state, engine, owner, group, stats, moment)
         except BaseException:
             # KeyboardInterrupt, or a stop past its grace period: what was
             # being sent keeps its lease; the rest goes back at once.
@@ -198,6 +208,7 @@ def _deliver_commit(
     owner: str,
     group: list[store.Claimed],
     stats: DrainStats,
+    moment: datetime | None,
 ) -> None:
     group.sort(key=lambda row: row.position)
     tried: list[tuple[Intent, int]] = []
@@ -250,7 +261,9 @@ def _deliver_commit(
         with app.app_context():
             if tried:
                 dispatch_batch(app, state, [intent for intent, _ in tried], result)
-            counts = settle_result(app, state, engine, owner, tried, result, given_up)
+            counts = settle_result(
+                app, state, engine, owner, tried, result, given_up, moment=moment
+            )
     finally:
         remove_thread_session(state)
     stats.delivered += counts.get(DONE, 0)

@@ -50,6 +50,8 @@ def settle_result(
     tried: t.Sequence[tuple[Intent, int]],
     result: BatchResult,
     given_up: t.Sequence[tuple[Intent, int, str]] = (),
+    *,
+    moment: datetime | None = None,
 ) -> dict[str, int]:
     """Record what became of each ``(intent, attempt)`` that was tried.
 
@@ -58,6 +60,8 @@ def settle_result(
     ``(intent, attempt, why)`` go to ``dead`` untried. ``intent_retrying`` and
     ``intent_dead`` are sent for the rows whose outcome was recorded.
 
+    :param moment: the time the outcome is taken at (a retry's delay counts
+        from it); default now.
     :return: state -> how many rows were recorded in it.
     """
     counts: dict[str, int] = {}
@@ -65,7 +69,7 @@ def settle_result(
         return counts
     dispatched = {intent.id for intent in result.dispatched}
     failed = {intent.id: exc for intent, exc in result.failed}
-    moment = now()
+    moment = moment or now()
     outcomes: list[store.Outcome] = []
     after: list[tuple[str, Intent, dict[str, t.Any]]] = []
     for intent, attempt, why in given_up:

@@ -137,15 +137,19 @@ def claim(
     lease: float,
     now: datetime,
     channels: Sequence[str] | None = None,
+    due_by: datetime | None = None,
 ) -> list[Claimed]:
-    """Lease up to ``batch`` due rows to ``owner``; count the attempt now.
+    """Lease up to ``batch`` due rows to ``owner`` until ``now`` + ``lease``;
+    count the attempt now.
 
     Due: ``pending`` or ``leased`` (an expired lease) with ``next_attempt_at``
-    passed. Committed before anything is sent. Returned in the order to
-    deliver them: by due time, then commit, then call order.
+    at or before ``due_by`` (default ``now``). Committed before anything is
+    sent. Returned in the order to deliver them: by due time, then commit,
+    then call order.
     """
     until = now + timedelta(seconds=lease)
-    due = [table.c.state.in_(DUE_STATES), table.c.next_attempt_at <= now]
+    cutoff = now if due_by is None else due_by
+    due = [table.c.state.in_(DUE_STATES), table.c.next_attempt_at <= cutoff]
     if channels:
         due.append(table.c.channel.in_(list(channels)))
     values = {
