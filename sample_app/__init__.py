@@ -10,6 +10,8 @@ import typing as t
 
 from flask import Flask
 
+from notifyqueue import outbox
+
 from .demo import demo_command
 from .extensions import db, mail, notify
 from .logs import configure_logging, connect_receivers
@@ -34,7 +36,8 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
     environment variables (``FLASK_SQLALCHEMY_DATABASE_URI``,
     ``FLASK_MAIL_SERVER``, ...), then from ``config``. Without a
     ``MAIL_SERVER`` emails are not sent (``MAIL_SUPPRESS_SEND``), and the log
-    says so. The tables are created if missing.
+    says so. The tables are created if missing, the outbox's too (for
+    ``FLASK_NOTIFYQUEUE_DURABLE=true``).
     """
     app = Flask(__name__)
     app.config.from_mapping(DEFAULT_CONFIG)
@@ -56,6 +59,7 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
 
     with app.app_context():
         db.create_all()
+        outbox.create(db.engine)
     return app
 
 

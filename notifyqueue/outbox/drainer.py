@@ -16,6 +16,8 @@ import time
 import typing as t
 from datetime import datetime, timedelta
 
+import sqlalchemy as sa
+
 from ..dispatch import dispatch_batch, remove_thread_session
 from ..errors import ConfigurationError
 from ..intent import BatchResult, Intent
@@ -30,7 +32,6 @@ from .table import DEAD, DONE, LEASED, PENDING, UNCERTAIN
 if t.TYPE_CHECKING:
     from collections.abc import Sequence
 
-    import sqlalchemy as sa
     from flask import Flask
 
     from ..state import State
@@ -113,15 +114,27 @@ def drain(
     cutoff = (now or clock()) if once else None
     while not stop.is_set():
         moment = now or clock()
-        rows = store.claim(
-            engine,
-            owner,
-            batch=batch,
-            lease=lease_seconds,
-            now=moment,
-            channels=names,
-            due_by=cutoff,
-        )
+        try:
+            rows = store.claim(
+                engine,
+                owner,
+                batch=batch,
+                lease=lease_seconds,
+                now=moment,
+                channels=names,
+                due_by=cutoff,
+            )
+        except sa.exc.DBAPIError:
+            if once:
+                raise
+            # A polling drainer outlives a database restart: try again later.
+            logger.exception(
+                "Claiming from the outbox of app %r failed; trying again in %g s.",
+                app.name,
+                poll,
+            )
+            stop.wait(poll)
+            continue
         if rows:
             _deliver_claim(app, state, engine, owner, rows, stop, stats, now)
             continue
