@@ -12,7 +12,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from . import signals
-from .errors import DeliveryError
+from .errors import DeliveryError, OutboxError
 from .intent import BatchResult, Intent
 from .queue import enqueue, finalise
 from .state import get_state
@@ -228,6 +228,7 @@ def drain_command(
                 f"unknown channel {name!r}; configured: {', '.join(state.channels)}.",
                 param_hint="'--channel'",
             )
+    _engine()  # the table must exist
     grace = float(app.config.get("NOTIFYQUEUE_SHUTDOWN_TIMEOUT", 10))
     stop = threading.Event()
 
@@ -285,11 +286,18 @@ def outbox_group() -> None:
     """Create, inspect and repair the durable outbox table."""
 
 
-def _engine() -> t.Any:
-    from .outbox.store import engine_of
+def _engine(*, table: bool = True) -> t.Any:
+    """The app's engine; with ``table``, refuse if the outbox table is missing."""
+    from .outbox.store import engine_of, require_table
 
     _, state = get_state()
-    return engine_of(state)
+    engine = engine_of(state)
+    if table:
+        try:
+            require_table(engine)
+        except OutboxError as exc:
+            raise click.ClickException(str(exc)) from exc
+    return engine
 
 
 @outbox_group.command("create")
@@ -297,7 +305,7 @@ def outbox_create() -> None:
     """Create the notifyqueue_outbox table (and its indexes) if it is missing."""
     from .outbox import TABLE_NAME, create
 
-    engine = _engine()
+    engine = _engine(table=False)
     where = engine.url.render_as_string(hide_password=True)
     if create(engine):
         click.echo(f"Created {TABLE_NAME} in {where}.")
@@ -310,7 +318,7 @@ def outbox_sql() -> None:
     """Print the outbox table's DDL for the app's database (for a migration)."""
     from .outbox import ddl
 
-    click.echo(ddl(_engine()), nl=False)
+    click.echo(ddl(_engine(table=False)), nl=False)
 
 
 @outbox_group.command("status")

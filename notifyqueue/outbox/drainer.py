@@ -97,6 +97,7 @@ def drain(
     :param now: for tests: the time taken as now (a later one makes retries
         and expired leases due; leases and retry delays count from it).
     :raises ConfigurationError: a bad argument, or an unknown channel.
+    :raises OutboxError: the outbox table is missing.
     """
     _, state = get_state(app)
     _check_arguments(state, channels, batch, lease, poll)
@@ -106,6 +107,7 @@ def drain(
     owner = new_owner()
     with app.app_context():
         engine = store.engine_of(state)
+    store.require_table(engine)
     stats = DrainStats()
     last_prune = 0.0
     logger.debug("Draining the outbox of app %r as %s.", app.name, owner)

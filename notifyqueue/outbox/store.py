@@ -95,11 +95,23 @@ def check_database(connection: sa.Connection) -> None:
         raise OutboxError(
             f"The outbox table {TABLE_NAME!r} does not exist in"
             f" {engine.url.render_as_string(hide_password=True)}, so this commit"
-            " cannot keep its durable notifications and was not made. Create the"
-            " table with `flask notifyqueue outbox create` (or add"
-            " notifyqueue.outbox.metadata to your migrations' target_metadata)."
+            " outbox cannot be used: a commit with durable notifications fails"
+            " until it exists. Create the table with `flask notifyqueue outbox"
+            " create` (or add notifyqueue.outbox.metadata to your migrations'"
+            " target_metadata)."
         )
     _checked[engine] = True
+
+
+def require_table(engine: sa.Engine) -> None:
+    """:func:`check_database` on a connection of ``engine`` of its own.
+
+    :raises OutboxError: as :func:`check_database`.
+    """
+    if engine in _checked:
+        return
+    with engine.connect() as connection:
+        check_database(connection)
 
 
 def write(connection: sa.Connection, rows: list[dict[str, t.Any]]) -> None:
