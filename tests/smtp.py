@@ -47,6 +47,9 @@ class SMTPServer:
     stall_seconds: float = 2.0
     data_delay: float = 0.0
     """Seconds every DATA waits before the server answers (a slow server)."""
+    answer_delay: float = 0.0
+    """Seconds every DATA waits after the message is stored, before the
+    server answers (the client cannot know it arrived meanwhile)."""
 
     def config(self) -> dict[str, t.Any]:
         return {
@@ -115,6 +118,8 @@ class _Handler:
         )
         if getattr(envelope, "drop_after_data", False):
             server.transport.abort()
+        if self.server.answer_delay:
+            await asyncio.sleep(self.server.answer_delay)
         return "250 Message accepted for delivery"
 
 

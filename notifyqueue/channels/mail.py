@@ -346,6 +346,14 @@ class MailChannel(Channel):
                     # MAIL_MAX_EMAILS: the next message opens a new connection.
                     close(connection)
                     connection = None
+        except BaseException as exc:
+            if not isinstance(exc, Exception) and connection is not None:
+                # KeyboardInterrupt, or a stopping drainer past its grace
+                # period: drop the socket rather than wait for QUIT's answer.
+                if connection.host is not None:
+                    connection.host.close()
+                connection = None
+            raise
         finally:
             if connection is not None:
                 close(connection)
