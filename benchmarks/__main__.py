@@ -3,7 +3,8 @@
 Prints a table, writes ``benchmarks.json`` and, if matplotlib is installed
 (``pip install -e ".[bench]"``), draws ``benchmarks.png`` in ``--out``.
 B5 spends about a second on each of its inline requests (5 with ``--quick``,
-10 without), as its SMTP server stalls that long.
+10 without), as its SMTP server stalls that long. B6 drains 20,000 outbox
+rows per run (1,000 with ``--quick``).
 """
 
 from __future__ import annotations
@@ -96,10 +97,12 @@ def drop_schema() -> None:
 
 def run(quick: bool) -> dict[str, t.Any]:
     with tempfile.TemporaryDirectory() as directory:
-        return _run(quick, cases.sqlite_url(directory))
+        return _run(
+            quick, cases.sqlite_url(directory), cases.sqlite_url(directory, "drainer")
+        )
 
 
-def _run(quick: bool, sqlite: str) -> dict[str, t.Any]:
+def _run(quick: bool, sqlite: str, drainer_sqlite: str) -> dict[str, t.Any]:
     repeats = 3 if quick else 15
     pg = postgres_url()
     databases = {"sqlite": sqlite} | ({"postgresql": pg} if pg else {})
@@ -124,6 +127,11 @@ def _run(quick: bool, sqlite: str) -> dict[str, t.Any]:
         results["B5"] = cases.b5_slow_mail(
             sqlite, 10 if quick else 20, repeats, 5 if quick else 10
         )
+        # B6's SQLite database is in WAL mode: a file of its own.
+        results["B6"] = {
+            name: cases.b6_drainer(url, 1000 if quick else 20_000, 1 if quick else 2)
+            for name, url in (databases | {"sqlite": drainer_sqlite}).items()
+        }
     finally:
         if pg:
             drop_schema()
@@ -146,6 +154,9 @@ def table(results: dict[str, t.Any]) -> str:
             f" ({spread['min'] * 1e3:.2f}–{spread['max'] * 1e3:.2f})"
         )
 
+    def per_second(spread: dict[str, float]) -> str:
+        return f"{spread['median']:7.0f}/s ({spread['min']:.0f}–{spread['max']:.0f})"
+
     def x(spread: dict[str, float]) -> str:
         return f"{spread['median']:.2f}x ({spread['min']:.2f}–{spread['max']:.2f})"
 
@@ -164,14 +175,28 @@ def table(results: dict[str, t.Any]) -> str:
             f" {us(row['notifyqueue per intent']):>30}"
             f" {us(row['naive per intent']):>30}  {x(row['ratio'])}"
         )
+
+    def statements(part: dict[str, list[str]]) -> str:
+        inside = len(part["in the transaction"])
+        return f"{inside + len(part['after the commit'])} ({inside} to its COMMIT)"
+
     lines += ["", "B2 request overhead (per request)"]
     for name, row in results["B2"].items():
         undecorated = f"  undecorated {us(row['undecorated'])}"
+        extra = row["durable extra statements"]
         lines += [
             f"  {name:<10} notifyqueue {us(row['notifyqueue'])}{undecorated}"
             f"  ratio {x(row['ratio'])}",
             f"  {'':<10} background  {us(row['notifyqueue background'])}"
             f"{' ' * len(undecorated)}  ratio {x(row['background ratio'])}",
+            f"  {'':<10} durable     {us(row['notifyqueue durable'])}"
+            f"{' ' * len(undecorated)}  ratio {x(row['durable ratio'])}"
+            " to notifyqueue",
+            f"  {'':<10} statements: notifyqueue"
+            f" {statements(row['statements']['notifyqueue'])}, durable"
+            f" {statements(row['statements']['notifyqueue durable'])}; durable's"
+            f" extra: {', '.join(extra['in the transaction']) or 'none'} to the"
+            f" COMMIT, {', '.join(extra['after the commit']) or 'none'} after it",
         ]
     lines += ["", f"B3 {results['B3'][0]['emails']} emails in one transaction"]
     for b3 in results["B3"]:
@@ -209,11 +234,27 @@ def table(results: dict[str, t.Any]) -> str:
         f" {stats['failed']} failed, {stats['inline_fallbacks']} inline fallbacks;"
         f" all out {b5['seconds to settle']:.1f} s after the last request",
     ]
+    b6 = next(iter(results["B6"].values()))
+    layouts = [key for key in b6 if key.endswith(" per commit")]
+    lines += [
+        "",
+        f"B6 drainer: {b6['rows']} due rows, one drain(once=True,"
+        f" batch={b6['batch']}) to a do-nothing durable channel, intents per"
+        f" second (median of {b6['runs']} runs, min–max)",
+    ]
+    for name, row in results["B6"].items():
+        lines.append(
+            f"  {name:<10} "
+            + "  ".join(
+                f"{layout} {per_second(row[layout]['intents per second'])}"
+                for layout in layouts
+            )
+        )
     return "\n".join(lines)
 
 
 def chart(results: dict[str, t.Any], path: Path) -> bool:
-    """Draw B1-B3 and B5 as a PNG; False if matplotlib is not installed."""
+    """Draw B1-B3, B5 and B6 as a PNG; False if matplotlib is not installed."""
     try:
         import matplotlib
         import matplotlib.ticker
@@ -222,7 +263,7 @@ def chart(results: dict[str, t.Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (b1, b2, b3, b5) = plt.subplots(1, 4, figsize=(17, 4))
+    fig, (b1, b2, b3, b5, b6) = plt.subplots(1, 5, figsize=(21, 4))
     rows = results["B1"]["rows"]
     sizes = [row["intents"] for row in rows]
     for side in ("notifyqueue", "naive"):
@@ -245,15 +286,14 @@ def chart(results: dict[str, t.Any], path: Path) -> bool:
     b1.legend()
     names = list(results["B2"])
     b2_sides = (
-        (-0.27, "notifyqueue", "notifyqueue", "ratio"),
-        (0.0, "notifyqueue background", "background", "background ratio"),
-        (0.27, "undecorated", "undecorated", None),
+        (-0.3, "notifyqueue", "notifyqueue", "ratio"),
+        (-0.1, "notifyqueue background", "background", "background ratio"),
+        (0.1, "notifyqueue durable", "durable (ratio to notifyqueue)", "durable ratio"),
+        (0.3, "undecorated", "undecorated", None),
     )
     for offset, side, label, ratio in b2_sides:
         heights = [results["B2"][n][side]["median"] * 1e3 for n in names]
-        b2.bar(
-            [i + offset for i in range(len(names))], heights, width=0.27, label=label
-        )
+        b2.bar([i + offset for i in range(len(names))], heights, width=0.2, label=label)
         for i, name in enumerate(names):
             if ratio is not None:
                 b2.annotate(
@@ -261,7 +301,7 @@ def chart(results: dict[str, t.Any], path: Path) -> bool:
                     (i + offset, heights[i]),
                     ha="center",
                     va="bottom",
-                    fontsize="small",
+                    fontsize="x-small",
                 )
     b2.set_xticks(range(len(names)), names)
     b2.set_ylabel("ms per request")
@@ -307,6 +347,24 @@ def chart(results: dict[str, t.Any], path: Path) -> bool:
     b5.set_ylabel("ms per request (log scale)")
     b5.set_title(f"B5 SMTP stalling {row['smtp data delay']:g} s")
     b5.set_ylim(1, b5.get_ylim()[1] * 2)
+    names = list(results["B6"])
+    first = results["B6"][names[0]]
+    layouts = [key for key in first if key.endswith(" per commit")]
+    width = 0.8 / len(layouts)
+    for k, layout in enumerate(layouts):
+        offset = (k - (len(layouts) - 1) / 2) * width
+        b6.bar(
+            [i + offset for i in range(len(names))],
+            [results["B6"][n][layout]["intents per second"]["median"] for n in names],
+            width=width,
+            label=layout,
+        )
+    b6.axhline(1000, color="grey", linestyle="--", linewidth=1, label="1,000/s")
+    b6.set_xticks(range(len(names)), names)
+    b6.set_ylabel("intents per second")
+    b6.set_title(f"B6 drainer, {first['rows']} rows, batch {first['batch']}")
+    b6.legend(loc="upper left", fontsize="small")
+    b6.set_ylim(top=b6.get_ylim()[1] * 1.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

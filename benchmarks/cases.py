@@ -1,5 +1,6 @@
 """The benchmark cases: B1-B4, each against the naive queue of :mod:`.naive`;
-B5, the request time of the sample app against a slow mail server.
+B5, the request time of the sample app against a slow mail server; B6, the
+outbox drainer's throughput.
 
 Every timing is taken pair by pair in one process: notifyqueue, the naive
 queue and (where it applies) the bare transaction run one after the other in
@@ -13,6 +14,7 @@ import gc
 import http.client
 import json
 import logging
+import re
 import statistics
 import subprocess
 import sys
@@ -20,15 +22,18 @@ import threading
 import time
 import tracemalloc
 import typing as t
+from collections import Counter
 from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import sqlalchemy as sa
 from flask import Flask
 from sqlalchemy import event, select
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 import notifyqueue
-from notifyqueue import Channel, Intent, NotifyQueue, deferred_notify
+from notifyqueue import Channel, Intent, NotifyQueue, deferred_notify, outbox
 from sample_app.extensions import db
 from sample_app.models import Froggy
 
@@ -112,8 +117,8 @@ def _no_fsync(dbapi_connection: t.Any, record: t.Any) -> None:
     dbapi_connection.execute("PRAGMA synchronous=OFF")
 
 
-def sqlite_url(directory: str) -> str:
-    return f"sqlite:///{directory}/benchmarks.db"
+def sqlite_url(directory: str, name: str = "benchmarks") -> str:
+    return f"sqlite:///{directory}/{name}.db"
 
 
 # -- B1: per-intent cost ---------------------------------------------------------
@@ -226,17 +231,33 @@ def b2_request_overhead(
     channels are all ``"delivery": "background"``: the request's own cost of
     handing its intents off. After each of its requests the pool is waited
     for, untimed, so its work does not land in the next side's request.
+    ``notifyqueue durable`` is the decorated endpoint on a third app whose
+    mail channel is ``"durable": True`` (still inline): its ratio is to
+    ``notifyqueue`` (the same, not durable), and ``statements`` lists what
+    one request of each of the two sends to the database (after the timed
+    samples), split at the request's COMMIT: the outbox's extra cost is one
+    INSERT before it and the settlement (a DELETE) after it.
 
     The log channel's records go to a handler that drops them; mail is
     suppressed. The sample's own receivers (which log the commit and each
     email) are disconnected, so only notifyqueue's work differs.
     """
     from notifyqueue import signals, testing
-    from sample_app import create_app, froggies, logs, views
+    from sample_app import DEFAULT_CONFIG, create_app, froggies, logs, views
 
     config = {"SQLALCHEMY_DATABASE_URI": database_url, "MAIL_SERVER": None}
     app = create_app(config)
     background = create_app(config | {"NOTIFYQUEUE_DELIVERY": "background"})
+    channels = DEFAULT_CONFIG["NOTIFYQUEUE_CHANNELS"]
+    durable = create_app(
+        config
+        | {
+            "NOTIFYQUEUE_CHANNELS": {
+                "log": channels["log"],
+                "mail": channels["mail"] | {"durable": True},
+            }
+        }
+    )
     # Both apps share the logger of their name, sample_app.
     app.logger.handlers[:] = [logging.NullHandler()]
     app.logger.propagate = False
@@ -253,11 +274,15 @@ def b2_request_overhead(
         db.session.commit()
         froggy_id = db.session.scalars(select(Froggy.id)).one()
         db.session.remove()
+    with durable.app_context():
+        outbox.metadata.drop_all(db.engine)
+        outbox.create(db.engine)
     path = f"/froggies/{froggy_id}/colour"
     sides = {
         "notifyqueue": (decorated, app.test_client()),
         "notifyqueue background": (decorated, background.test_client()),
         "undecorated": (undecorated, app.test_client()),
+        "notifyqueue durable": (decorated, durable.test_client()),
     }
     names = list(sides)
 
@@ -282,7 +307,11 @@ def b2_request_overhead(
     try:
         sample()
         times: dict[str, list[float]] = {side: [] for side in sides}
-        ratios: dict[str, list[float]] = {"notifyqueue": [], "background": []}
+        ratios: dict[str, list[float]] = {
+            "notifyqueue": [],
+            "background": [],
+            "durable": [],
+        }
         for _ in range(repeats):
             medians = sample()
             for side, median in medians.items():
@@ -293,18 +322,38 @@ def b2_request_overhead(
             ratios["background"].append(
                 medians["notifyqueue background"] / medians["undecorated"]
             )
+            ratios["durable"].append(
+                medians["notifyqueue durable"] / medians["notifyqueue"]
+            )
         stats = notifyqueue.background_stats(background)
+        vars(views)["update_froggy_colour"] = decorated
+        statements = {
+            side: _statements(served, sides[side][1], path, f"{side} counted")
+            for side, served in (("notifyqueue", app), ("notifyqueue durable", durable))
+        }
+        with durable.app_context(), db.engine.connect() as connection:
+            left = connection.execute(
+                select(sa.func.count()).select_from(outbox.table)
+            ).scalar_one()
     finally:
         vars(views)["update_froggy_colour"] = decorated
         testing.shutdown(background)
-        with background.app_context():
-            db.engine.dispose()
+        for other in (background, durable):
+            with other.app_context():
+                db.engine.dispose()
         with app.app_context():
             db.session.remove()
             db.drop_all()
+            outbox.metadata.drop_all(db.engine)
             db.engine.dispose()
     if stats.failed or stats.inline_fallbacks or stats.delivered != stats.handed_off:
         raise RuntimeError(f"B2: background delivery went wrong: {stats}")
+    if left:
+        raise RuntimeError(f"B2: {left} rows left in the durable app's outbox")
+    inline, durable_statements = (
+        statements["notifyqueue"],
+        statements["notifyqueue durable"],
+    )
     return {
         "requests per sample": requests,
         "notifyqueue": Spread.of(times["notifyqueue"]).as_dict(),
@@ -312,7 +361,61 @@ def b2_request_overhead(
         "ratio": Spread.of(ratios["notifyqueue"]).as_dict(),
         "notifyqueue background": Spread.of(times["notifyqueue background"]).as_dict(),
         "background ratio": Spread.of(ratios["background"]).as_dict(),
+        "notifyqueue durable": Spread.of(times["notifyqueue durable"]).as_dict(),
+        "durable ratio": Spread.of(ratios["durable"]).as_dict(),
+        "statements": statements,
+        "durable extra statements": {
+            part: _extra(durable_statements[part], inline[part])
+            for part in ("in the transaction", "after the commit")
+        },
     }
+
+
+def _statements(
+    app: Flask, client: t.Any, path: str, colour: str
+) -> dict[str, list[str]]:
+    """What one request sends to the database, as ``VERB table`` (``COMMIT``
+    for a commit), split at the request's COMMIT: ``"in the transaction"``
+    (the COMMIT included) and ``"after the commit"``."""
+    with app.app_context():
+        engine = db.engine
+    sent: list[str] = []
+
+    def statement(*args: t.Any) -> None:
+        sent.append(_label(args[2]))
+
+    def commit(connection: t.Any) -> None:
+        sent.append("COMMIT")
+
+    event.listen(engine, "before_cursor_execute", statement)
+    event.listen(engine, "commit", commit)
+    try:
+        response = client.put(path, json={"colour": colour})
+    finally:
+        event.remove(engine, "before_cursor_execute", statement)
+        event.remove(engine, "commit", commit)
+    if response.status_code != 200 or response.json["notifications"]["failed"]:
+        raise RuntimeError(f"B2: PUT {path} answered {response.status_code}")
+    end = sent.index("COMMIT") + 1 if "COMMIT" in sent else len(sent)
+    return {"in the transaction": sent[:end], "after the commit": sent[end:]}
+
+
+_TABLE = re.compile(r"\b(?:FROM|INTO|UPDATE)\s+\"?(\w+)", re.IGNORECASE)
+
+
+def _label(statement: str) -> str:
+    """``INSERT notifyqueue_outbox``, ``SELECT froggy``, ``BEGIN IMMEDIATE``..."""
+    words = statement.split()
+    verb = words[0].upper() if words else "?"
+    if verb == "BEGIN":
+        return " ".join(words).upper()
+    table = _TABLE.search(statement)
+    return f"{verb} {table.group(1)}" if table else verb
+
+
+def _extra(these: list[str], those: list[str]) -> list[str]:
+    """The statements of ``these`` that ``those`` does not have (as multisets)."""
+    return list((Counter(these) - Counter(those)).elements())
 
 
 # -- B3: mail ------------------------------------------------------------------
@@ -713,3 +816,133 @@ def b5_slow_mail(
         "seconds to settle": settled,
         "background stats": asdict(stats),
     }
+
+
+# -- B6: drainer throughput -------------------------------------------------------
+
+
+class CountingChannel(Channel):
+    """The do-nothing channel, durable in B6: it keeps the id of each intent."""
+
+    delivered: t.ClassVar[list[str]] = []
+
+    def send(self, intents: t.Sequence[Intent]) -> None:
+        self.delivered.extend(intent.id for intent in intents)
+
+
+def b6_drainer(
+    database_url: str,
+    rows: int,
+    repeats: int,
+    per_commit: t.Sequence[int] = (1, 10),
+    batch: int = 100,
+) -> dict[str, t.Any]:
+    """Intents per second one ``drain(app, once=True, batch=batch)`` delivers
+    from an outbox of ``rows`` due rows, to a durable do-nothing channel.
+
+    The rows are inserted directly (``pending``, due), ``per_commit`` of them
+    to a commit (the drainer sends and settles each commit's rows together);
+    the layouts take turns, ``repeats`` runs each. Timed: the drain call,
+    from its first claim to its last settlement. Afterwards every row must
+    have been delivered exactly once and the outbox be empty. On SQLite the
+    database is in WAL mode (as the README advises beside drainers), with
+    SQLite's default synchronous setting; on PostgreSQL the table is
+    vacuumed and analysed before each run.
+    """
+    app = Flask("benchmarks_drainer")
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=database_url,
+        NOTIFYQUEUE_CHANNELS={
+            "null": {"type": "benchmarks.cases:CountingChannel", "durable": True}
+        },
+    )
+    db.init_app(app)
+    NotifyQueue(app)
+    template = Intent.new("null", "Froggy colour updated: 1; new value: c", "enqueue")
+    times: dict[int, list[float]] = {size: [] for size in per_commit}
+    with app.app_context():
+        engine = db.engine
+        dialect = engine.dialect.name
+        if dialect == "sqlite":
+            with engine.connect() as connection:
+                connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+        outbox.metadata.drop_all(engine)
+        outbox.create(engine)
+        db.session.remove()
+    try:
+        for repeat in range(repeats):
+            order = list(per_commit) if repeat % 2 == 0 else list(per_commit)[::-1]
+            for size in order:
+                _fill_outbox(engine, template, rows, size)
+                CountingChannel.delivered.clear()
+                started = time.perf_counter()
+                stats = outbox.drain(app, once=True, batch=batch)
+                times[size].append(time.perf_counter() - started)
+                delivered = CountingChannel.delivered
+                with engine.connect() as connection:
+                    left = connection.execute(
+                        select(sa.func.count()).select_from(outbox.table)
+                    ).scalar_one()
+                if (
+                    stats.claimed != rows
+                    or stats.delivered != rows
+                    or len(delivered) != rows
+                    or len(set(delivered)) != rows
+                    or left
+                ):
+                    raise RuntimeError(
+                        f"B6: {rows} rows, {size} per commit: {stats},"
+                        f" {len(delivered)} sends ({len(set(delivered))} intents),"
+                        f" {left} rows left"
+                    )
+    finally:
+        CountingChannel.delivered.clear()
+        outbox.metadata.drop_all(engine)
+        engine.dispose()
+    return {
+        "rows": rows,
+        "batch": batch,
+        "runs": repeats,
+        **{
+            f"{size} per commit": {
+                "seconds": Spread.of(times[size]).as_dict(),
+                "intents per second": Spread.of(
+                    [rows / spent for spent in times[size]]
+                ).as_dict(),
+            }
+            for size in per_commit
+        },
+    }
+
+
+def _fill_outbox(engine: sa.Engine, template: Intent, rows: int, size: int) -> None:
+    """``rows`` due ``pending`` rows, ``size`` to a commit, as the write path
+    makes them (an intent of ``template``'s, each with an id of its own)."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect().execution_options(
+            isolation_level="AUTOCOMMIT"
+        ) as connection:
+            connection.exec_driver_sql(f"VACUUM ANALYZE {outbox.TABLE_NAME}")
+    created = datetime.now(timezone.utc) - timedelta(minutes=1)
+    data = template.to_dict()
+    values = []
+    commit_id = ""
+    for n in range(rows):
+        intent_id = f"{template.id[:20]}{n:012x}"
+        if n % size == 0:
+            commit_id = intent_id
+        values.append(
+            {
+                "intent_id": intent_id,
+                "commit_id": commit_id,
+                "position": n % size,
+                "channel": template.channel,
+                "intent": json.dumps(data | {"id": intent_id}),
+                "state": "pending",
+                "attempts": 0,
+                "next_attempt_at": created,
+                "created_at": created,
+            }
+        )
+    with engine.begin() as connection:
+        connection.execute(outbox.table.insert(), values)

@@ -19,16 +19,16 @@ from notifyqueue import Intent, enqueue, signals
 from sample_app.extensions import db
 
 from .conftest import SMTPServer, require_postgres
-from .load import commits_of, loaded_app, run
+from .load import commits_of, loaded_app, run, smtp_outage
 
 CLIENTS = 8
 
 
 @pytest.mark.parametrize(
     ("delivery", "requests"),
-    # Background mail at fewer requests: the pool's four threads share the
-    # two cores with the server's, and the suite should stay fast.
-    [("inline", 5000), ("background-mail", 2000)],
+    # Background and durable mail at fewer requests: the pool's four threads
+    # share the two cores with the server's, and the suite should stay fast.
+    [("inline", 5000), ("background-mail", 2000), ("durable-mail", 1000)],
 )
 def test_every_committed_request_notifies_exactly_its_own_changes_once(
     make_smtp_server: t.Callable[..., SMTPServer], delivery: str, requests: int
@@ -36,7 +36,8 @@ def test_every_committed_request_notifies_exactly_its_own_changes_once(
     # A slow DATA keeps the pool's threads busy at once, their tasks
     # overlapping one another and the requests' commits.
     smtp_server = make_smtp_server()
-    smtp_server.data_delay = 0.01 if delivery != "inline" else 0.0
+    background = "background" in delivery
+    smtp_server.data_delay = 0.01 if background else 0.0
     with loaded_app(require_postgres(), smtp_server, delivery) as (app, records):
         report = run(app, smtp_server, records, requests, CLIENTS)
 
@@ -48,9 +49,42 @@ def test_every_committed_request_notifies_exactly_its_own_changes_once(
     # One committed request in nine changes two colours.
     assert report.emails == report.log_lines == requests
     stats = report.stats
-    handed_off = requests if delivery == "background-mail" else 0
+    handed_off = requests if background else 0
     assert (stats.handed_off, stats.delivered) == (handed_off, handed_off)
     assert (stats.failed, stats.pending, stats.inline_fallbacks) == (0, 0, 0)
+    # Durable: the fast path settled every row (deleted it), so the drainer
+    # found nothing to do.
+    durable = report.durable
+    assert (durable.before_drain, durable.drained.claimed) == ({}, 0)
+    assert durable.after_drain == {}
+
+
+@pytest.mark.parametrize("delivery", ["durable-mail", "durable-background-mail"])
+def test_emails_failed_while_smtp_was_down_are_each_delivered_once_by_the_drainer(
+    delivery: str,
+) -> None:
+    # The SMTP server is down until half the requests are answered, then
+    # comes back on the same port; the drainer runs after the requests.
+    requests = 400
+    with (
+        smtp_outage() as smtp,
+        loaded_app(require_postgres(), smtp, delivery) as (app, records),
+    ):
+        report = run(app, smtp, records, requests, CLIENTS)
+        arrived = smtp.server.intent_ids() if smtp.server is not None else []
+
+    # Among the problems: an email missing, twice, or in the outbox at the end.
+    assert report.problems == []
+    assert len(arrived) == len(set(arrived)) == report.emails == requests
+    durable = report.durable
+    # About the first half's emails failed (and retried) on the fast path;
+    # background tasks may still have been running when the server came back.
+    failed = len(durable.failed)
+    assert requests // 4 <= failed <= requests * 3 // 4
+    assert set(durable.failed.values()) == {"mail"}
+    assert durable.before_drain == {"pending": failed}
+    assert (durable.drained.claimed, durable.drained.delivered) == (failed, failed)
+    assert (durable.dead, durable.after_drain) == ([], {})
 
 
 # -- channel handlers that misbehave, under threads ---------------------------

@@ -572,7 +572,7 @@ def test_a_transient_failure_on_the_fast_path_schedules_a_retry_with_backoff(
     assert retrying[0]["next_attempt_at"] == row["next_attempt_at"]
 
 
-def test_rows_that_failed_together_are_retried_at_jittered_times(
+def test_commits_that_failed_together_are_retried_at_jittered_times(
     make_durable: t.Callable[..., Flask],
 ) -> None:
     app = make_durable(NOTIFYQUEUE_CHANNELS=channels(retry_backoff=10))
@@ -582,9 +582,29 @@ def test_rows_that_failed_together_are_retried_at_jittered_times(
     with app.app_context():
         for name in names:
             enqueue("rec", name)
-        db.session.commit()
+            db.session.commit()
         rows = outbox_rows(db.engine)
     assert len({row["next_attempt_at"] for row in rows}) == len(names)
+
+
+def test_a_commits_rows_that_failed_together_come_due_together_in_call_order(
+    make_durable: t.Callable[..., Flask],
+) -> None:
+    app = make_durable(NOTIFYQUEUE_CHANNELS=channels(retry_backoff=10))
+    names = [f"flaky{number}" for number in range(5)]
+    rec = channel(app)
+    for name in names:
+        rec.faults[name] = TransientFailure
+    with app.app_context():
+        for name in names:
+            enqueue("rec", name)
+        db.session.commit()
+        rows = outbox_rows(db.engine)
+        assert len({row["next_attempt_at"] for row in rows}) == 1
+        rec.faults.clear()
+        stats = testing.drain(app, batch=len(names), now=clock() + timedelta(hours=1))
+    assert stats.delivered == len(names)
+    assert rec.sent[-len(names) :] == names
 
 
 def test_each_retry_doubles_the_backoff(

@@ -72,6 +72,7 @@ def settle_result(
     moment = moment or now()
     outcomes: list[store.Outcome] = []
     after: list[tuple[str, Intent, dict[str, t.Any]]] = []
+    due: dict[tuple[str, int], datetime] = {}
     for intent, attempt, why in given_up:
         outcomes.append(store.Outcome(intent.id, attempt, DEAD, None, why))
         after.append(("dead", intent, {"exception": OutboxError(why)}))
@@ -87,7 +88,13 @@ def settle_result(
         policy = state.retry.get(intent.channel, RetryPolicy())
         error = describe(exc)
         if kind == TRANSIENT and attempt < policy.max_attempts:
-            when = moment + policy.delay(attempt)
+            # One draw per attempt for the whole call (one commit's rows):
+            # they come due together, so a later claim keeps them together,
+            # in call order.
+            key = (intent.channel, attempt)
+            when = due.get(key)
+            if when is None:
+                when = due[key] = moment + policy.delay(attempt)
             outcomes.append(store.Outcome(intent.id, attempt, PENDING, when, error))
             after.append(
                 (
