@@ -177,6 +177,19 @@ def _check_arguments(
             )
 
 
+@dataclasses.dataclass
+class _Settlement:
+    """What a claim's deliveries came to, recorded in one transaction at its end."""
+
+    tried: list[tuple[Intent, int]] = dataclasses.field(default_factory=list)
+    given_up: list[tuple[Intent, int, str]] = dataclasses.field(default_factory=list)
+    unreadable: list[store.Outcome] = dataclasses.field(default_factory=list)
+    result: BatchResult = dataclasses.field(
+        default_factory=lambda: BatchResult(committed=True)
+    )
+    commit_of: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
 def _deliver_claim(
     app: Flask,
     state: State,
@@ -187,7 +200,13 @@ def _deliver_claim(
     stats: DrainStats,
     moment: datetime | None,
 ) -> None:
-    """Deliver one claim commit by commit; hand back what a stop leaves untried."""
+    """Deliver one claim commit by commit, then record every outcome at once.
+
+    One settling transaction per claim rather than per commit: with a row or
+    two per commit that transaction was nine tenths of a drainer's time. A
+    crash before it repeats the claim's deliveries (at least once allows it;
+    ``batch`` bounds it). A stop hands back the commits not started.
+    """
     stats.claimed += len(rows)
     reclaimed = [row for row in rows if row.previous_state == LEASED]
     if reclaimed:
@@ -203,37 +222,34 @@ def _deliver_claim(
     for row in rows:
         commits.setdefault(row.commit_id, []).append(row)
     groups = list(commits.values())
-    for number, group in enumerate(groups):
-        if stop.is_set():
-            _hand_back(app, engine, owner, groups[number:], stats)
-            return
-        try:
-            _deliver_commit(app, state, engine, owner, group, stats, moment)
-        except BaseException:
-            # KeyboardInterrupt, or a stop past its grace period: what was
-            # being sent keeps its lease; the rest goes back at once.
-            _hand_back(app, engine, owner, groups[number + 1 :], stats)
-            raise
+    settlement = _Settlement()
+    try:
+        for number, group in enumerate(groups):
+            if stop.is_set():
+                _hand_back(app, engine, owner, groups[number:], stats)
+                break
+            try:
+                _deliver_commit(app, state, group, settlement)
+            except BaseException:
+                # KeyboardInterrupt, or a stop past its grace period: what
+                # was being sent keeps its lease; the rest goes back at once.
+                _hand_back(app, engine, owner, groups[number + 1 :], stats)
+                raise
+    finally:
+        _settle(app, state, engine, owner, settlement, stats, moment)
 
 
 def _deliver_commit(
-    app: Flask,
-    state: State,
-    engine: sa.Engine,
-    owner: str,
-    group: list[store.Claimed],
-    stats: DrainStats,
-    moment: datetime | None,
+    app: Flask, state: State, group: list[store.Claimed], settlement: _Settlement
 ) -> None:
+    """Dispatch one commit's claimed rows; note what is to be recorded."""
     group.sort(key=lambda row: row.position)
     tried: list[tuple[Intent, int]] = []
-    given_up: list[tuple[Intent, int, str]] = []
-    unreadable: list[store.Outcome] = []
     for row in group:
         try:
             intent = Intent.from_dict(json.loads(row.intent))
         except (ValueError, TypeError) as exc:
-            unreadable.append(
+            settlement.unreadable.append(
                 store.Outcome(
                     row.intent_id,
                     row.attempts,
@@ -243,11 +259,12 @@ def _deliver_commit(
                 )
             )
             continue
+        settlement.commit_of[intent.id] = row.commit_id
         policy = state.retry.get(row.channel, RetryPolicy())
         if row.attempts > policy.max_attempts:
             # Counted at claim: a row whose every attempt killed its worker
             # still runs out of attempts.
-            given_up.append(
+            settlement.given_up.append(
                 (
                     intent,
                     row.attempts,
@@ -258,26 +275,58 @@ def _deliver_commit(
             )
         else:
             tried.append((intent, row.attempts))
-    if unreadable:
+    if not tried:
+        return
+    try:
+        with app.app_context():
+            dispatch_batch(
+                app, state, [intent for intent, _ in tried], settlement.result
+            )
+    finally:
+        remove_thread_session(state)
+    settlement.tried.extend(tried)
+
+
+def _settle(
+    app: Flask,
+    state: State,
+    engine: sa.Engine,
+    owner: str,
+    settlement: _Settlement,
+    stats: DrainStats,
+    moment: datetime | None,
+) -> None:
+    if settlement.unreadable:
         stats.dead += len(
             store.settle(
-                engine, owner, unreadable, retain=state.outbox_retain, now=clock()
+                engine,
+                owner,
+                settlement.unreadable,
+                retain=state.outbox_retain,
+                now=clock(),
             )
         )
-        for outcome in unreadable:
+        for outcome in settlement.unreadable:
             logger.error(
                 "Outbox row %s of app %r is dead: %s.",
                 outcome.intent_id,
                 app.name,
                 outcome.last_error,
             )
-    result = BatchResult(committed=True)
+    if not settlement.tried and not settlement.given_up:
+        return
     try:
         with app.app_context():
-            if tried:
-                dispatch_batch(app, state, [intent for intent, _ in tried], result)
             counts = settle_result(
-                app, state, engine, owner, tried, result, given_up, moment=moment
+                app,
+                state,
+                engine,
+                owner,
+                settlement.tried,
+                settlement.result,
+                settlement.given_up,
+                moment=moment,
+                commit_of=settlement.commit_of,
             )
     finally:
         remove_thread_session(state)

@@ -52,6 +52,7 @@ def settle_result(
     given_up: t.Sequence[tuple[Intent, int, str]] = (),
     *,
     moment: datetime | None = None,
+    commit_of: t.Mapping[str, str] | None = None,
 ) -> dict[str, int]:
     """Record what became of each ``(intent, attempt)`` that was tried.
 
@@ -62,6 +63,8 @@ def settle_result(
 
     :param moment: the time the outcome is taken at (a retry's delay counts
         from it); default now.
+    :param commit_of: intent id -> the commit it came from, when ``tried``
+        spans several (a drainer's claim); by default they are one commit.
     :return: state -> how many rows were recorded in it.
     """
     counts: dict[str, int] = {}
@@ -72,7 +75,7 @@ def settle_result(
     moment = moment or now()
     outcomes: list[store.Outcome] = []
     after: list[tuple[str, Intent, dict[str, t.Any]]] = []
-    due: dict[tuple[str, int], datetime] = {}
+    due: dict[tuple[str, str, int], datetime] = {}
     for intent, attempt, why in given_up:
         outcomes.append(store.Outcome(intent.id, attempt, DEAD, None, why))
         after.append(("dead", intent, {"exception": OutboxError(why)}))
@@ -88,10 +91,11 @@ def settle_result(
         policy = state.retry.get(intent.channel, RetryPolicy())
         error = describe(exc)
         if kind == TRANSIENT and attempt < policy.max_attempts:
-            # One draw per attempt for the whole call (one commit's rows):
-            # they come due together, so a later claim keeps them together,
-            # in call order.
-            key = (intent.channel, attempt)
+            # One draw per commit, channel and attempt: a commit's rows come
+            # due together, so a later claim keeps them together, in call
+            # order; different commits still spread out.
+            commit = commit_of.get(intent.id, "") if commit_of else ""
+            key = (commit, intent.channel, attempt)
             when = due.get(key)
             if when is None:
                 when = due[key] = moment + policy.delay(attempt)
