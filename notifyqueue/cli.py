@@ -231,18 +231,21 @@ def drain_command(
     _engine()  # the table must exist
     grace = float(app.config.get("NOTIFYQUEUE_SHUTDOWN_TIMEOUT", 10))
     stop = threading.Event()
+    finished: list[bool] = []  # drain() returned: a late alarm has nothing to stop
 
     def on_stop(signum: int, frame: t.Any) -> None:
         if stop.is_set():
-            raise _GraceExpired(f"a second {signal.Signals(signum).name}")
+            if not finished:
+                raise _GraceExpired(f"a second {signal.Signals(signum).name}")
+            return
         stop.set()
-        if grace > 0:
-            signal.setitimer(signal.ITIMER_REAL, grace)
-        else:
-            raise _GraceExpired("NOTIFYQUEUE_SHUTDOWN_TIMEOUT is 0")
+        # Even with a grace of 0 an idle drainer stops cleanly: it sees the
+        # stop at once, before the timer fires.
+        signal.setitimer(signal.ITIMER_REAL, max(grace, 0.001))
 
     def on_alarm(signum: int, frame: t.Any) -> None:
-        raise _GraceExpired(f"NOTIFYQUEUE_SHUTDOWN_TIMEOUT ({grace:g} s) passed")
+        if not finished:
+            raise _GraceExpired(f"NOTIFYQUEUE_SHUTDOWN_TIMEOUT ({grace:g} s) passed")
 
     handlers = {
         signal.SIGTERM: on_stop,
@@ -262,6 +265,7 @@ def drain_command(
             poll=poll,
             stop=stop,
         )
+        finished.append(True)
     except _GraceExpired as exc:
         click.echo(
             f"Stopped before the delivery in flight finished ({exc}); its rows"
@@ -393,7 +397,9 @@ def _duration(value: str) -> float:
     " NOTIFYQUEUE_OUTBOX_RETAIN.",
 )
 @click.option(
-    "--dead", is_flag=True, help="Also dead and uncertain rows, not only done ones."
+    "--dead",
+    is_flag=True,
+    help="Also dead and uncertain rows, not only done ones (needs --older-than).",
 )
 def outbox_prune(older_than: str | None, dead: bool) -> None:
     """Delete finished rows, in small transactions."""
@@ -404,6 +410,11 @@ def outbox_prune(older_than: str | None, dead: bool) -> None:
     from .outbox.table import DEAD, DONE, UNCERTAIN
 
     app, state = get_state()
+    if dead and older_than is None:
+        raise click.UsageError(
+            "--dead deletes dead and uncertain rows, which say what never arrived:"
+            " name their age with --older-than (for example --older-than 30d)."
+        )
     seconds = state.outbox_retain if older_than is None else _duration(older_than)
     states = (DONE, DEAD, UNCERTAIN) if dead else (DONE,)
     count = prune(_engine(), now() - timedelta(seconds=seconds), states=states)

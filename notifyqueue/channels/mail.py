@@ -300,8 +300,10 @@ class MailChannel(Channel):
                             self._mail, self.timeout, self._domain
                         ).__enter__()
                     except OSError as exc:  # smtplib's errors are OSErrors too
-                        unreachable = failures[intent.id] = unreachable_error(
-                            exc, self._mail
+                        # About the server or its settings, not the message:
+                        # retried (a durable channel), whatever the code.
+                        unreachable = failures[intent.id] = mark_failure(
+                            unreachable_error(exc, self._mail), "transient"
                         )
                         continue
                     sent = 0

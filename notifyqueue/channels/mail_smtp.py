@@ -19,12 +19,21 @@ def unreachable_error(exc: OSError, mail: t.Any) -> OSError:
     The same type as ``exc`` where it can be made (``ConnectionRefusedError``
     stays one), so that callers catching it by type still do.
     """
-    message = (
-        f"Cannot reach the SMTP server MAIL_SERVER={mail.server!r},"
-        f" MAIL_PORT={mail.port!r} ({type(exc).__name__}: {exc}). Check that a"
-        " server listens there (and MAIL_USE_TLS, MAIL_USE_SSL, MAIL_USERNAME);"
-        " in development, set MAIL_SUPPRESS_SEND = True to send nothing."
-    )
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        message = (
+            f"The SMTP server MAIL_SERVER={mail.server!r}, MAIL_PORT={mail.port!r}"
+            f" refused the login of MAIL_USERNAME={mail.username!r}"
+            f" ({exc.smtp_code} {exc.smtp_error!r}). Check MAIL_USERNAME and"
+            " MAIL_PASSWORD."
+        )
+    else:
+        message = (
+            f"Cannot reach the SMTP server MAIL_SERVER={mail.server!r},"
+            f" MAIL_PORT={mail.port!r} ({type(exc).__name__}: {exc}). Check that a"
+            " server listens there (and MAIL_USE_TLS, MAIL_USE_SSL,"
+            " MAIL_USERNAME); in development, set MAIL_SUPPRESS_SEND = True to"
+            " send nothing."
+        )
     restated: OSError
     try:
         if isinstance(exc, smtplib.SMTPResponseException):

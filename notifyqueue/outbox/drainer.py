@@ -138,11 +138,18 @@ def drain(
             stop.wait(poll)
             continue
         if rows:
-            _deliver_claim(app, state, engine, owner, rows, stop, stats, now)
+            _deliver_claim(
+                app, state, engine, owner, rows, stop, stats, now, lease_seconds
+            )
             continue
         if state.outbox_retain > 0 and time.monotonic() - last_prune > _PRUNE_EVERY:
             last_prune = time.monotonic()
-            store.prune(engine, clock() - timedelta(seconds=state.outbox_retain))
+            try:
+                store.prune(engine, clock() - timedelta(seconds=state.outbox_retain))
+            except sa.exc.DBAPIError:
+                if once:
+                    raise
+                logger.exception("Pruning the outbox of app %r failed.", app.name)
         if once:
             break
         stop.wait(poll)
@@ -199,13 +206,17 @@ def _deliver_claim(
     stop: threading.Event,
     stats: DrainStats,
     moment: datetime | None,
+    lease: float,
 ) -> None:
     """Deliver one claim commit by commit, then record every outcome at once.
 
     One settling transaction per claim rather than per commit: with a row or
     two per commit that transaction was nine tenths of a drainer's time. A
     crash before it repeats the claim's deliveries (at least once allows it;
-    ``batch`` bounds it). A stop hands back the commits not started.
+    ``batch`` bounds it). A claim that takes more than half its lease records
+    what it has done and renews the lease of the rest, so no other drainer
+    takes rows this one is still to send. A stop hands back the commits not
+    started.
     """
     stats.claimed += len(rows)
     reclaimed = [row for row in rows if row.previous_state == LEASED]
@@ -223,20 +234,70 @@ def _deliver_claim(
         commits.setdefault(row.commit_id, []).append(row)
     groups = list(commits.values())
     settlement = _Settlement()
+    renewed_at = time.monotonic()
     try:
-        for number, group in enumerate(groups):
+        number = 0
+        while number < len(groups):
             if stop.is_set():
                 _hand_back(app, engine, owner, groups[number:], stats)
                 break
+            if time.monotonic() - renewed_at > lease / 2:
+                _settle(app, state, engine, owner, settlement, stats, moment)
+                settlement = _Settlement()
+                groups = groups[:number] + _renew(
+                    app, engine, owner, groups[number:], moment, lease
+                )
+                renewed_at = time.monotonic()
+                if number >= len(groups):
+                    break
             try:
-                _deliver_commit(app, state, group, settlement)
+                _deliver_commit(app, state, groups[number], settlement)
             except BaseException:
                 # KeyboardInterrupt, or a stop past its grace period: what
                 # was being sent keeps its lease; the rest goes back at once.
                 _hand_back(app, engine, owner, groups[number + 1 :], stats)
                 raise
+            number += 1
     finally:
         _settle(app, state, engine, owner, settlement, stats, moment)
+
+
+def _renew(
+    app: Flask,
+    engine: sa.Engine,
+    owner: str,
+    groups: list[list[store.Claimed]],
+    moment: datetime | None,
+    lease: float,
+) -> list[list[store.Claimed]]:
+    """Renew the lease of the rows of ``groups``; return the groups still held."""
+    rows = [row for group in groups for row in group]
+    try:
+        held = store.renew(
+            engine,
+            owner,
+            [(row.intent_id, row.attempts) for row in rows],
+            until=(moment or clock()) + timedelta(seconds=lease),
+        )
+    except Exception:
+        logger.exception(
+            "Renewing the lease of %d claimed outbox row(s) of app %r failed;"
+            " they are left for their lease to expire.",
+            len(rows),
+            app.name,
+        )
+        return []
+    lost = [row.intent_id for row in rows if row.intent_id not in held]
+    if lost:
+        logger.warning(
+            "%d claimed outbox row(s) of app %r were taken over before this"
+            " drainer got to them; it leaves them: %s.",
+            len(lost),
+            app.name,
+            ", ".join(lost),
+        )
+    kept = [[row for row in group if row.intent_id in held] for group in groups]
+    return [group for group in kept if group]
 
 
 def _deliver_commit(
@@ -297,15 +358,22 @@ def _settle(
     moment: datetime | None,
 ) -> None:
     if settlement.unreadable:
-        stats.dead += len(
-            store.settle(
-                engine,
-                owner,
-                settlement.unreadable,
-                retain=state.outbox_retain,
-                now=clock(),
+        try:
+            stats.dead += len(
+                store.settle(
+                    engine,
+                    owner,
+                    settlement.unreadable,
+                    retain=state.outbox_retain,
+                    now=clock(),
+                )
             )
-        )
+        except Exception:
+            logger.exception(
+                "Recording %d unreadable outbox row(s) of app %r as dead failed.",
+                len(settlement.unreadable),
+                app.name,
+            )
         for outcome in settlement.unreadable:
             logger.error(
                 "Outbox row %s of app %r is dead: %s.",
@@ -346,7 +414,16 @@ def _hand_back(
     rows = [row for group in groups for row in group]
     if not rows:
         return
-    released = store.release(engine, owner, rows, now=clock())
+    try:
+        released = store.release(engine, owner, rows, now=clock())
+    except Exception:
+        logger.exception(
+            "Handing back %d untried outbox row(s) of app %r failed; they are"
+            " taken again once their lease expires.",
+            len(rows),
+            app.name,
+        )
+        return
     stats.released += len(released)
     logger.info(
         "Handed back %d untried outbox row(s) of app %r.", len(released), app.name

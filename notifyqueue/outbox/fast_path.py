@@ -11,9 +11,11 @@ ones in the outbox.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
+import time
 import typing as t
 import weakref
 from datetime import timedelta
@@ -32,6 +34,8 @@ if t.TYPE_CHECKING:
     from ..state import State
 
 CRASH_POINTS = ("after_commit", "mid_send", "before_ack")
+
+logger = logging.getLogger("notifyqueue")
 
 
 def new_owner() -> str:
@@ -114,6 +118,14 @@ def write_batch(
         for position, intent in enumerate(durable)
     ]
     store.write(connection, rows)
+    # When the lease ends, by this process's clock: read before delivering
+    # (a background task may start late), and the mark that the row exists.
+    deadline = time.monotonic() + state.outbox_lease
+    for intent in durable:
+        intent.__dict__[_LEASED_UNTIL] = deadline
+
+
+_LEASED_UNTIL = "_outbox_leased_until"
 
 
 def dispatch(
@@ -125,6 +137,8 @@ def dispatch(
     inside an app context of ``app``.
     """
     durable = _durable(state, intents) if state.durable else []
+    if durable:
+        durable, intents = _held(app, state, durable, intents, result)
     if not durable:
         dispatch_batch(app, state, intents, result)
         return
@@ -148,6 +162,74 @@ def dispatch(
         return
     engine = store.engine_of(state)
     settle_result(app, state, engine, _owner, [(i, 1) for i in durable], result)
+
+
+def _held(
+    app: Flask,
+    state: State,
+    durable: list[Intent],
+    intents: list[Intent],
+    result: BatchResult,
+) -> tuple[list[Intent], list[Intent]]:
+    """The durable intents this process still holds a lease on, and what to send.
+
+    An intent queued after its commit wrote the outbox (by a ``before_commit``
+    or ``after_commit`` listener) has no row: it is sent, without the outbox.
+    A lease that has run more than half its course (a background task that
+    waited in a long queue) is renewed first; what was taken over meanwhile
+    is left to the drainer that took it.
+    """
+    written = [i for i in durable if _LEASED_UNTIL in i.__dict__]
+    if len(written) < len(durable):
+        late = [i.id for i in durable if _LEASED_UNTIL not in i.__dict__]
+        logger.warning(
+            "%d durable notification(s) of app %r were queued after their commit"
+            " wrote the outbox (by a before_commit or after_commit listener), so"
+            " they have no outbox row and are delivered without it: %s.",
+            len(late),
+            app.name,
+            ", ".join(late),
+        )
+    if not written:
+        return written, intents
+    deadline = min(i.__dict__[_LEASED_UNTIL] for i in written)
+    if time.monotonic() < deadline - state.outbox_lease / 2:
+        return written, intents
+    lease = state.outbox_lease
+    try:
+        held = store.renew(
+            store.engine_of(state),
+            _owner,
+            [(i.id, 1) for i in written],
+            until=now() + timedelta(seconds=lease),
+        )
+    except Exception:
+        logger.exception(
+            "Renewing the outbox lease of %d notification(s) of app %r failed;"
+            " they are left to the drainer.",
+            len(written),
+            app.name,
+        )
+        held = set()
+    renewed = time.monotonic() + lease
+    lost = [i for i in written if i.id not in held]
+    for intent in written:
+        if intent.id in held:
+            intent.__dict__[_LEASED_UNTIL] = renewed
+    if lost:
+        logger.warning(
+            "The outbox lease of %d notification(s) of app %r lapsed before"
+            " their delivery started (NOTIFYQUEUE_OUTBOX_LEASE=%g s); a drainer"
+            " delivers them instead: %s.",
+            len(lost),
+            app.name,
+            lease,
+            ", ".join(i.id for i in lost),
+        )
+        result.pending.extend(lost)
+        gone = {i.id for i in lost}
+        intents = [i for i in intents if i.id not in gone]
+    return [i for i in written if i.id in held], intents
 
 
 def _durable(state: State, intents: list[Intent]) -> list[Intent]:

@@ -38,7 +38,10 @@ def now() -> datetime:
 
 def describe(exc: BaseException) -> str:
     """An exception as ``last_error`` keeps it."""
-    text = f"{type(exc).__name__}: {exc}"
+    try:
+        text = f"{type(exc).__name__}: {exc}"
+    except Exception:  # an exception whose __str__ raises
+        text = f"{type(exc).__name__} (its message cannot be shown)"
     return text if len(text) <= _ERROR_LENGTH else text[: _ERROR_LENGTH - 1] + "…"
 
 
@@ -87,7 +90,18 @@ def settle_result(
         if exc is None:
             continue  # no outcome (a crash point stopped it): the lease stands
         channel = state.channels.get(intent.channel)
-        kind = failure_kind(channel, exc)
+        try:
+            kind = failure_kind(channel, exc)
+        except Exception:
+            # Runs after the commit: a classifier's bug must not escape it.
+            logger.exception(
+                "Channel %r's failure_kind() raised on %r; taking the failure of"
+                " %s as transient.",
+                intent.channel,
+                exc,
+                intent.id,
+            )
+            kind = "transient"
         policy = state.retry.get(intent.channel, RetryPolicy())
         error = describe(exc)
         if kind == TRANSIENT and attempt < policy.max_attempts:
@@ -131,10 +145,11 @@ def settle_result(
     lapsed = [o.intent_id for o in outcomes if o.intent_id not in matched]
     if lapsed:
         logger.warning(
-            "The outbox lease of %d notification(s) of app %r lapsed before their"
-            " outcome was recorded, and another worker has taken them over: %s."
-            " They may be delivered twice; raise NOTIFYQUEUE_OUTBOX_LEASE above"
-            " the longest send.",
+            "The outbox rows of %d notification(s) of app %r were no longer"
+            " leased to this worker when their outcome was to be recorded (the"
+            " lease lapsed and another worker took them, or the rows are gone):"
+            " %s. They may be delivered twice; keep NOTIFYQUEUE_OUTBOX_LEASE"
+            " above the time a delivery takes.",
             len(lapsed),
             app.name,
             ", ".join(lapsed),

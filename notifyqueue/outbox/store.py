@@ -22,6 +22,7 @@ from ..errors import OutboxError
 from .table import DEAD, DONE, DUE_STATES, LEASED, PENDING, TABLE_NAME, UNCERTAIN, table
 
 _DIALECTS = ("postgresql", "sqlite")
+_DUE = sa.text(f"{TABLE_NAME}.state IN {DUE_STATES!r}")
 # Bound parameters per statement stay well under SQLite's limit (32,766).
 _CHUNK = 500
 
@@ -94,9 +95,9 @@ def check_database(connection: sa.Connection) -> None:
     if not inspector.has_table(TABLE_NAME):
         raise OutboxError(
             f"The outbox table {TABLE_NAME!r} does not exist in"
-            f" {engine.url.render_as_string(hide_password=True)}, so this commit"
-            " outbox cannot be used: a commit with durable notifications fails"
-            " until it exists. Create the table with `flask notifyqueue outbox"
+            f" {engine.url.render_as_string(hide_password=True)}, so the outbox"
+            " cannot be used: a commit with durable notifications fails until"
+            " it exists. Create the table with `flask notifyqueue outbox"
             " create` (or add notifyqueue.outbox.metadata to your migrations'"
             " target_metadata)."
         )
@@ -143,14 +144,31 @@ def transaction(
     """
     with engine.connect() as connection:
         name = connection.dialect.name
+        if name == "postgresql":
+            # Whatever the app's engine uses: under REPEATABLE READ or
+            # SERIALIZABLE, claims and acknowledgements would fail with
+            # serialization errors and leave delivered rows leased.
+            connection = connection.execution_options(isolation_level="READ COMMITTED")
+        # SQLAlchemy's own BEGIN first: with the pysqlite recipe for
+        # savepoints (isolation_level=None and a "begin" event), the event
+        # emits a deferred BEGIN here.
+        connection.begin()
         if name == "sqlite":
             dbapi = connection.connection.dbapi_connection
             if not getattr(dbapi, "in_transaction", False):
                 connection.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                # A deferred BEGIN that has read nothing yet: a first
+                # statement that writes takes the write lock (waiting for it
+                # as BEGIN IMMEDIATE would), so later reads cannot go stale.
+                connection.execute(_TAKE_WRITE_LOCK)
         elif settling and name == "postgresql":
             connection.exec_driver_sql("SET LOCAL synchronous_commit = off")
         yield connection
         connection.commit()
+
+
+_TAKE_WRITE_LOCK = sa.update(table).where(sa.false()).values(state=table.c.state)
 
 
 def claim(
@@ -173,7 +191,9 @@ def claim(
     """
     until = now + timedelta(seconds=lease)
     cutoff = now if due_by is None else due_by
-    due = [table.c.state.in_(DUE_STATES), table.c.next_attempt_at <= cutoff]
+    # The states as literals, the index's own predicate: a generic plan with
+    # them as parameters could not use the partial index.
+    due: list[t.Any] = [_DUE, table.c.next_attempt_at <= cutoff]
     if channels:
         due.append(table.c.channel.in_(list(channels)))
     values = {
@@ -314,6 +334,37 @@ def settle(
                 .returning(table.c.intent_id)
             )
             matched.update(connection.execute(statement).scalars())
+    return matched
+
+
+def renew(
+    engine: sa.Engine,
+    owner: str,
+    leases: Sequence[tuple[str, int]],
+    *,
+    until: datetime,
+) -> set[str]:
+    """Extend the leases of ``(intent id, attempt)`` rows still held by ``owner``.
+
+    :return: the ids still held (and now leased until ``until``); the others
+        were taken over, or are gone.
+    """
+    matched: set[str] = set()
+    by_attempt: dict[int, list[str]] = {}
+    for intent_id, attempt in leases:
+        by_attempt.setdefault(attempt, []).append(intent_id)
+    if not by_attempt:
+        return matched
+    with transaction(engine, settling=True) as connection:
+        for attempt, ids in by_attempt.items():
+            for chunk in _chunks(ids):
+                statement = (
+                    sa.update(table)
+                    .where(*_fence(owner, attempt, chunk))
+                    .values(lease_expires_at=until, next_attempt_at=until)
+                    .returning(table.c.intent_id)
+                )
+                matched.update(connection.execute(statement).scalars())
     return matched
 
 
