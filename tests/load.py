@@ -2,7 +2,7 @@
 
 ``tests/test_load.py`` runs it at CI size. For a larger run::
 
-    python -m tests.load --requests 50000 --clients 16
+    python -m tests.load --requests 20000 --clients 16
 
 (PostgreSQL from ``NOTIFYQUEUE_TEST_POSTGRES_URL``, default the local one;
 ``--database-url`` picks another.) ``--delivery background-mail`` puts the

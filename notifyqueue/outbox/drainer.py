@@ -80,8 +80,8 @@ def drain(
     Claims up to ``batch`` due rows in a short transaction, delivers them
     grouped by commit (each channel batch in call order, one ``send()`` per
     channel batch, inside an app context, with the same signals as the fast
-    path), then settles them in another; no transaction is open while a
-    channel sends.
+    path), then records their outcomes in another; no transaction is open
+    while a channel sends.
 
     :param once: deliver what is due, then return; otherwise poll until
         ``stop`` is set.
@@ -90,7 +90,8 @@ def drain(
     :param batch: rows per claim: fewer means fewer deliveries repeated after
         a crash, more means fewer transactions.
     :param lease: seconds a claim holds its rows; default
-        ``NOTIFYQUEUE_OUTBOX_LEASE``. Keep it well above the longest send.
+        ``NOTIFYQUEUE_OUTBOX_LEASE``. Keep it well above the longest send of
+        one commit; a claim that runs past half of it renews it.
     :param poll: seconds to wait when nothing is due.
     :param stop: set it to stop: no new claim, the commit being delivered is
         finished, and the rest of the claim handed back.
