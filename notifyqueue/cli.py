@@ -220,6 +220,7 @@ def drain_command(
     at once and what was in flight is retried once its lease expires.
     """
     from .outbox import drain
+    from .outbox.drainer import delivering
 
     app, state = get_state()
     for name in channels:
@@ -239,12 +240,12 @@ def drain_command(
                 raise _GraceExpired(f"a second {signal.Signals(signum).name}")
             return
         stop.set()
-        # Even with a grace of 0 an idle drainer stops cleanly: it sees the
-        # stop at once, before the timer fires.
         signal.setitimer(signal.ITIMER_REAL, max(grace, 0.001))
 
     def on_alarm(signum: int, frame: t.Any) -> None:
-        if not finished:
+        # Only a delivery is cut short: between deliveries the stop is seen
+        # anyway, and no new one starts.
+        if not finished and delivering():
             raise _GraceExpired(f"NOTIFYQUEUE_SHUTDOWN_TIMEOUT ({grace:g} s) passed")
 
     handlers = {

@@ -113,11 +113,15 @@ class SMTPConnection(Connection):
                 local_hostname=self.local_hostname,
                 timeout=self.timeout,
             )
-        host.set_debuglevel(int(mail.debug))
-        if mail.use_tls:
-            host.starttls()
-        if mail.username and mail.password:
-            host.login(mail.username, mail.password)
+        try:
+            host.set_debuglevel(int(mail.debug))
+            if mail.use_tls:
+                host.starttls()
+            if mail.username and mail.password:
+                host.login(mail.username, mail.password)
+        except BaseException:
+            host.close()  # a refused STARTTLS or login must not leak the socket
+            raise
         return host
 
 

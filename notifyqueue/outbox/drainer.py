@@ -40,6 +40,16 @@ logger = logging.getLogger("notifyqueue")
 
 _PRUNE_EVERY = 60.0  # seconds between prunes of done rows, when retained
 
+_active = threading.local()
+
+
+def delivering() -> bool:
+    """Whether a drainer in this thread is delivering a commit right now.
+
+    What a stopping CLI drainer's grace timer asks before it interrupts.
+    """
+    return bool(getattr(_active, "delivering", False))
+
 
 @dataclasses.dataclass
 class DrainStats:
@@ -252,12 +262,15 @@ def _deliver_claim(
                 if number >= len(groups):
                     break
             try:
+                _active.delivering = True
                 _deliver_commit(app, state, groups[number], settlement)
             except BaseException:
                 # KeyboardInterrupt, or a stop past its grace period: what
                 # was being sent keeps its lease; the rest goes back at once.
                 _hand_back(app, engine, owner, groups[number + 1 :], stats)
                 raise
+            finally:
+                _active.delivering = False
             number += 1
     finally:
         _settle(app, state, engine, owner, settlement, stats, moment)
