@@ -349,6 +349,36 @@ def renew(
     :return: the ids still held (and now leased until ``until``); the others
         were taken over, or are gone.
     """
+    return _update_held(
+        engine, owner, leases, {"lease_expires_at": until, "next_attempt_at": until}
+    )
+
+
+def release(
+    engine: sa.Engine, owner: str, rows: Sequence[Claimed], *, now: datetime
+) -> set[str]:
+    """Hand back claimed rows that were never tried: due now, the attempt undone."""
+    return _update_held(
+        engine,
+        owner,
+        [(row.intent_id, row.attempts) for row in rows],
+        {
+            "state": PENDING,
+            "attempts": table.c.attempts - 1,
+            "next_attempt_at": now,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        },
+    )
+
+
+def _update_held(
+    engine: sa.Engine,
+    owner: str,
+    leases: Sequence[tuple[str, int]],
+    values: dict[str, t.Any],
+) -> set[str]:
+    """Set ``values`` on the ``(intent id, attempt)`` rows ``owner`` still holds."""
     matched: set[str] = set()
     by_attempt: dict[int, list[str]] = {}
     for intent_id, attempt in leases:
@@ -361,36 +391,7 @@ def renew(
                 statement = (
                     sa.update(table)
                     .where(*_fence(owner, attempt, chunk))
-                    .values(lease_expires_at=until, next_attempt_at=until)
-                    .returning(table.c.intent_id)
-                )
-                matched.update(connection.execute(statement).scalars())
-    return matched
-
-
-def release(
-    engine: sa.Engine, owner: str, rows: Sequence[Claimed], *, now: datetime
-) -> set[str]:
-    """Hand back claimed rows that were never tried: due now, the attempt undone."""
-    matched: set[str] = set()
-    by_attempt: dict[int, list[str]] = {}
-    for row in rows:
-        by_attempt.setdefault(row.attempts, []).append(row.intent_id)
-    if not by_attempt:
-        return matched
-    with transaction(engine, settling=True) as connection:
-        for attempt, ids in by_attempt.items():
-            for chunk in _chunks(ids):
-                statement = (
-                    sa.update(table)
-                    .where(*_fence(owner, attempt, chunk))
-                    .values(
-                        state=PENDING,
-                        attempts=table.c.attempts - 1,
-                        next_attempt_at=now,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                    )
+                    .values(values)
                     .returning(table.c.intent_id)
                 )
                 matched.update(connection.execute(statement).scalars())
