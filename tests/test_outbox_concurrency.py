@@ -356,16 +356,19 @@ def test_eight_drainer_threads_deliver_each_of_10000_rows_exactly_once(
 
 
 def claim_at_once(
-    box: Outbox, owners: t.Sequence[str], *, batch: int, now: datetime
+    engine: sa.Engine, owners: t.Sequence[str], *, batch: int, now: datetime
 ) -> dict[str, list[str]]:
-    """``store.claim`` from one thread per owner, released together; ids claimed."""
+    """``store.claim`` from one thread per owner, released together; ids claimed.
+
+    Any exception in a thread fails the test.
+    """
     barrier = threading.Barrier(len(owners), timeout=30)
     results: dict[str, list[str] | BaseException] = {}
 
     def run(owner: str) -> None:
         try:
             barrier.wait()
-            rows = store.claim(box.engine, owner, batch=batch, lease=60, now=now)
+            rows = store.claim(engine, owner, batch=batch, lease=60, now=now)
             results[owner] = [row.intent_id for row in rows]
         except BaseException as exc:  # reported by the assert below
             results[owner] = exc
@@ -401,7 +404,7 @@ def test_two_claims_at_once_each_lease_exactly_their_batch_of_distinct_rows(
 
     for _ in range(rounds):
         claims = claim_at_once(
-            postgres, OWNERS, batch=7, now=datetime.now(timezone.utc)
+            postgres.engine, OWNERS, batch=7, now=datetime.now(timezone.utc)
         )
         first, second = (claims[owner] for owner in OWNERS)
         assert len(first) == len(set(first)) == 7
@@ -435,7 +438,7 @@ def test_a_claim_skips_rows_another_transaction_locks_and_still_fills_its_batch(
         ).scalars()
         assert sorted(held) == sorted(locked)
         claims = claim_at_once(
-            postgres, OWNERS, batch=7, now=datetime.now(timezone.utc)
+            postgres.engine, OWNERS, batch=7, now=datetime.now(timezone.utc)
         )
         locker.rollback()
 

@@ -31,12 +31,13 @@ from flask import Flask
 
 import notifyqueue.outbox
 from notifyqueue import Channel, Intent, enqueue, testing
-from notifyqueue.outbox import DrainStats, store, table
+from notifyqueue.outbox import DrainStats, table
 
 from .conftest import SMTPServer
 from .helpers import Item, db
 from .outbox_child import TEMPLATE, create_app, reset_tables
 from .test_outbox import FLAKY, FlakyChannel, _drop_outbox, outbox_rows, payload
+from .test_outbox_concurrency import claim_at_once
 from .test_outbox_crash import drain_argv, environment
 
 ROBUST = "tests.test_outbox_robustness"
@@ -196,33 +197,6 @@ def test_savepoint_recipe_a_crashed_commit_is_drained(recipe_app: Flask) -> None
     assert rows == []
 
 
-def claim_at_once(
-    engine: sa.Engine, owners: t.Sequence[str], *, batch: int
-) -> list[list[str]]:
-    """``store.claim`` from one thread per owner, released together; the ids
-    each claimed, in ``owners`` order. Any exception fails the test."""
-    barrier = threading.Barrier(len(owners), timeout=JOIN_TIMEOUT)
-    results: dict[str, list[str] | BaseException] = {}
-
-    def run(owner: str) -> None:
-        try:
-            barrier.wait()
-            rows = store.claim(engine, owner, batch=batch, lease=60, now=clock())
-            results[owner] = [row.intent_id for row in rows]
-        except BaseException as exc:  # reported by the assert below
-            results[owner] = exc
-
-    threads = [threading.Thread(target=run, args=(owner,)) for owner in owners]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=JOIN_TIMEOUT)
-    assert not [thread.name for thread in threads if thread.is_alive()]
-    failed = {o: repr(r) for o, r in results.items() if isinstance(r, BaseException)}
-    assert failed == {}
-    return [t.cast("list[str]", results[owner]) for owner in owners]
-
-
 @SQLITE_ONLY
 def test_savepoint_recipe_claims_at_once_take_disjoint_rows_without_lock_errors(
     recipe_app: Flask,
@@ -234,7 +208,9 @@ def test_savepoint_recipe_claims_at_once_take_disjoint_rows_without_lock_errors(
             pass
     seen: list[str] = []
     for _ in range(2):  # two rounds of 10 rows each: 40 rows claimed once
-        first, second = claim_at_once(engine, ("claimer-a", "claimer-b"), batch=10)
+        owners = ("claimer-a", "claimer-b")
+        claims = claim_at_once(engine, owners, batch=10, now=clock())
+        first, second = (claims[owner] for owner in owners)
         assert (len(first), len(second)) == (10, 10)
         assert not set(first) & set(second)
         seen += first + second
