@@ -38,6 +38,29 @@ def dispatch_batch(
         _dispatch_group(app, state, name, group, result)
 
 
+def dispatch_by_mode(
+    app: Flask, state: State, intents: list[Intent], result: BatchResult
+) -> None:
+    """Deliver ``intents`` now, in this thread, each as its delivery mode does
+    (:meth:`~notifyqueue.delivery.DeliveryMode.dispatch_now`): the drainer's
+    way of sending claimed rows, whose channels may be delivered differently.
+    """
+    modes = state.modes
+    if len(modes) == 1:
+        next(iter(modes.values())).dispatch_now(app, state, intents, result)
+        return
+    by_mode: dict[str, list[Intent]] = {}
+    delivery = state.delivery
+    for intent in intents:
+        by_mode.setdefault(delivery.get(intent.channel, "inline"), []).append(intent)
+    for name, mode in modes.items():
+        part = by_mode.pop(name, None)
+        if part:
+            mode.dispatch_now(app, state, part, result)
+    for part in by_mode.values():  # a channel this app no longer configures
+        dispatch_batch(app, state, part, result)
+
+
 def record_batch(state: State, intents: list[Intent], result: BatchResult) -> bool:
     """Record ``intents`` as dispatched without delivering them, if a capture asks.
 

@@ -24,7 +24,7 @@ _ORDERS = ("channel", "call")
 # Names a channel cannot have: keywords of @deferred_notify and its wrapper.
 _RESERVED = ("notify", "when")
 # Channel options the extension consumes; never passed to a channel class.
-_CONSUMED = ("type", "enabled", "delivery", "durable", *RETRY_OPTIONS)
+_CONSUMED = ("type", "enabled", "delivery", "durable", "celery_queue", *RETRY_OPTIONS)
 
 
 def _defaults() -> dict[str, t.Any]:
@@ -99,7 +99,10 @@ def _state_from_config(
                 channel_options.get("durable", default_durable), f"{where}['durable']"
             ):
                 durable.add(name)
+            # Retries happen in the outbox, or in the Celery worker.
+            if name in durable or delivery[name] == "celery":
                 retry[name] = RetryPolicy.from_options(channel_options, where)
+            _check_queue(channel_options, delivery[name], where)
             channels[name] = _build_channel(app, name, channel_options)
         else:
             disabled.add(name)
@@ -137,6 +140,23 @@ def _mode_name(value: t.Any, where: str) -> str:
             f" {', '.join(repr(name) for name in MODES)}."
         )
     return value
+
+
+def _check_queue(options: t.Mapping[str, t.Any], mode: str, where: str) -> None:
+    if "celery_queue" not in options:
+        return
+    queue = options["celery_queue"]
+    if mode != "celery":
+        raise ConfigurationError(
+            f"{where}['celery_queue'] is set, but the channel's delivery is"
+            f" {mode!r}; it names a Celery queue, so use it with 'delivery':"
+            " 'celery', or remove it."
+        )
+    if not isinstance(queue, str) or not queue.strip():
+        raise ConfigurationError(
+            f"{where}['celery_queue'] is {queue!r}; use the name of a Celery queue"
+            " (a non-empty string), or leave it out for Celery's default queue."
+        )
 
 
 def _flag(value: t.Any, where: str) -> bool:

@@ -58,7 +58,7 @@ class State:
     durable: frozenset[str] = frozenset()
     """Enabled channels whose intents go through the outbox (``"durable": True``)."""
     retry: dict[str, RetryPolicy] = dataclasses.field(default_factory=dict)
-    """Durable channel name -> its retry options."""
+    """Durable or Celery channel name -> its retry options."""
     outbox_lease: float = 60.0
     """``NOTIFYQUEUE_OUTBOX_LEASE``: seconds a claim (or the fast path) holds a row."""
     outbox_retain: float = 0.0

@@ -21,6 +21,7 @@ from ..outbox.fast_path import write_batch
 from ..state import get_state, state_of
 from .background import BackgroundDelivery, BackgroundStats
 from .base import DeliveryMode
+from .celery import CeleryDelivery
 from .inline import InlineDelivery
 
 if t.TYPE_CHECKING:
@@ -33,6 +34,7 @@ if t.TYPE_CHECKING:
 MODES: dict[str, type[DeliveryMode]] = {
     InlineDelivery.name: InlineDelivery,
     BackgroundDelivery.name: BackgroundDelivery,
+    CeleryDelivery.name: CeleryDelivery,
 }
 """Every delivery mode, by the name the ``"delivery"`` option gives it."""
 
@@ -40,6 +42,7 @@ __all__ = [
     "MODES",
     "BackgroundDelivery",
     "BackgroundStats",
+    "CeleryDelivery",
     "DeliveryMode",
     "InlineDelivery",
     "background_stats",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typing as t
 
+from ..dispatch import dispatch_batch
+
 if t.TYPE_CHECKING:
     from flask import Flask
     from sqlalchemy.orm import Session
@@ -61,6 +63,18 @@ class DeliveryMode:
         ``result.pending``.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement deliver().")
+
+    def dispatch_now(
+        self, app: Flask, state: State, intents: list[Intent], result: BatchResult
+    ) -> None:
+        """Deliver ``intents`` in this thread, now: what a drainer does with the
+        outbox rows it claimed of this mode's channels.
+
+        The base class calls the channels; a mode that hands intents to
+        another system (Celery) hands them off here, and an intent in
+        ``result.dispatched`` is then done as far as the outbox is concerned.
+        """
+        dispatch_batch(app, state, intents, result)
 
     def wait(self, deadline: float) -> None:
         """Block until what was handed off so far has an outcome.

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
-from ..dispatch import dispatch_batch, remove_thread_session
+from ..dispatch import dispatch_by_mode, remove_thread_session
 from ..errors import ConfigurationError
 from ..intent import BatchResult, Intent
 from ..state import get_state
@@ -354,7 +354,7 @@ def _deliver_commit(
         return
     try:
         with app.app_context():
-            dispatch_batch(
+            dispatch_by_mode(
                 app, state, [intent for intent, _ in tried], settlement.result
             )
     finally:

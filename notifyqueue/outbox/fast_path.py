@@ -128,35 +128,47 @@ def write_batch(
 _LEASED_UNTIL = "_outbox_leased_until"
 
 
+Send = t.Callable[["Flask", "State", "list[Intent]", "BatchResult"], None]
+
+
 def dispatch(
-    app: Flask, state: State, intents: list[Intent], result: BatchResult
+    app: Flask,
+    state: State,
+    intents: list[Intent],
+    result: BatchResult,
+    *,
+    send: Send = dispatch_batch,
 ) -> None:
     """Dispatch committed ``intents``; settle the durable ones in the outbox.
 
     Every delivery mode calls this, in whichever thread it delivers in,
     inside an app context of ``app``.
+
+    :param send: what dispatching means for the mode: calling the channels,
+        or publishing to a broker (an intent in ``result.dispatched`` is then
+        done, as far as the outbox is concerned).
     """
     durable = _durable(state, intents) if state.durable else []
     if durable:
         durable, intents = _held(app, state, durable, intents, result)
     if not durable:
-        dispatch_batch(app, state, intents, result)
+        send(app, state, intents, result)
         return
     crash = _crash_points.get(app)
     if crash == "after_commit":
         _crash(app)
         other = [intent for intent in intents if intent.channel not in state.durable]
-        dispatch_batch(app, state, other, result)
+        send(app, state, other, result)
         result.pending.extend(durable)
         return
     if crash == "mid_send":
         first = durable[0]
         sent = [i for i in intents if i.channel not in state.durable or i is first]
-        dispatch_batch(app, state, sent, result)
+        send(app, state, sent, result)
         _crash(app)
         result.pending.extend(durable[1:])
         return
-    dispatch_batch(app, state, intents, result)
+    send(app, state, intents, result)
     if crash == "before_ack":
         _crash(app)
         return

@@ -1,0 +1,102 @@
+"""The Flask app of the Celery tests, in the test process and in a real worker.
+
+A test builds its config as a JSON-able dict, makes its app with
+:func:`create_app` and starts a worker with that same dict in
+``NOTIFYQUEUE_TEST_CELERY_CONFIG``; the worker imports this module
+(``celery -A tests.celery_app:celery_app worker``), which builds the same app:
+the same channels, the same mail server, the same database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import typing as t
+
+from celery import Celery, Task
+from flask import Flask
+from flask_mail import Mail
+
+from notifyqueue import Channel, NotifyQueue, PermanentFailure, TransientFailure
+
+from .helpers import db
+
+if t.TYPE_CHECKING:
+    from notifyqueue import Intent
+
+CONFIG_ENV = "NOTIFYQUEUE_TEST_CELERY_CONFIG"
+
+
+def celery_init_app(app: Flask) -> Celery:
+    """Flask's Celery guide, word for word."""
+
+    class FlaskTask(Task):  # type: ignore[misc]
+        def __call__(self, *args: object, **kwargs: object) -> object:
+            with app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery_app = Celery(app.name, task_cls=FlaskTask)
+    celery_app.config_from_object(app.config["CELERY"])
+    celery_app.set_default()
+    app.extensions["celery"] = celery_app
+    return celery_app
+
+
+def create_app(config: dict[str, t.Any]) -> Flask:
+    app = Flask("celery_test_app")
+    app.config.update(TESTING=True, MAIL_DEFAULT_SENDER="notify@example.com")
+    app.config.update(config)
+    db.init_app(app)
+    Mail(app)
+    celery_init_app(app)
+    NotifyQueue(app)
+    return app
+
+
+class FileChannel(Channel):
+    """Appends ``<intent id> <payload>`` lines to a file, one write each.
+
+    A payload starting with ``transient:<n>`` fails transiently the first
+    ``n`` times its intent is sent (counted in ``<path>.tries``); one starting
+    with ``permanent`` always fails permanently; ``sleep:<s>`` sleeps ``s``
+    seconds before writing (a task to kill in the middle).
+    """
+
+    def __init__(self, name: str, *, path: str) -> None:
+        super().__init__(name)
+        self.path = path
+
+    def send(self, intents: list[Intent]) -> None:
+        for intent in intents:
+            text = str(intent.payload)
+            if text.startswith("sleep:"):
+                time.sleep(float(text.split(":")[1].split()[0]))
+            if text.startswith("permanent"):
+                raise PermanentFailure(f"{intent.id} refused for good")
+            if text.startswith("transient:"):
+                wanted = int(text.split(":")[1].split()[0])
+                if self._tries(intent.id) <= wanted:
+                    raise TransientFailure(f"{intent.id} not this time")
+            with open(self.path, "a", encoding="utf-8") as file:
+                file.write(f"{intent.id} {text}\n")
+
+    def _tries(self, intent_id: str) -> int:
+        with open(f"{self.path}.tries", "a", encoding="utf-8") as file:
+            file.write(f"{intent_id}\n")
+        with open(f"{self.path}.tries", encoding="utf-8") as file:
+            return sum(1 for line in file if line.strip() == intent_id)
+
+
+def sent_lines(path: str) -> list[str]:
+    """The lines a FileChannel wrote, in order."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as file:
+        return [line.rstrip("\n") for line in file]
+
+
+# The worker's app: built when the worker imports this module.
+if CONFIG_ENV in os.environ:
+    flask_app = create_app(json.loads(os.environ[CONFIG_ENV]))
+    celery_app = flask_app.extensions["celery"]
