@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 import typing as t
 
 import click
@@ -12,6 +13,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from . import signals
+from .celery.guard import FINAL
 from .errors import DeliveryError, OutboxError
 from .intent import BatchResult, Intent
 from .queue import enqueue, finalise
@@ -21,8 +23,10 @@ from .testing import wait
 
 if t.TYPE_CHECKING:
     from .channels import Channel
+    from .delivery.celery import CeleryDelivery
+    from .state import State
 
-# How long send-test waits for a background channel's delivery.
+# How long send-test waits for a background or Celery channel's delivery.
 _SEND_TEST_TIMEOUT = 60.0
 
 cli = AppGroup("notifyqueue", help="Inspect and test notifyqueue channels.")
@@ -42,9 +46,15 @@ def list_channels() -> None:
             for key, value in options.items()
             if key not in ("type", "enabled", "delivery", "durable")
         }
+        shown.pop("celery_queue", None)
         durable = " durable=True" if name in state.durable else ""
+        queue = ""
+        if state.delivery[name] == "celery":
+            mode = t.cast("CeleryDelivery", state.modes["celery"])
+            queue = f" queue={mode.queue_of(state, name)}"
         click.echo(
-            f"{name}: type={options['type']} delivery={state.delivery[name]}{durable}"
+            f"{name}: type={options['type']} delivery={state.delivery[name]}"
+            f"{queue}{durable}"
             f" options={json.dumps(shown, sort_keys=True, default=repr)}"
         )
     click.echo(f"order={state.order} strict={state.strict}")
@@ -58,7 +68,14 @@ def list_channels() -> None:
     metavar="ADDRESS",
     help="A mail channel: send the test to ADDRESS instead of its recipients.",
 )
-def send_test(channel: str, address: str | None) -> None:
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_SEND_TEST_TIMEOUT,
+    show_default=True,
+    help="Seconds to wait for a background or Celery channel's delivery.",
+)
+def send_test(channel: str, address: str | None, timeout: float) -> None:
     """Send a test notification through CHANNEL, committing an empty transaction.
 
     Exits 1 if delivery failed. A mail channel of an app with Flask-Mail's
@@ -121,12 +138,15 @@ def send_test(channel: str, address: str | None) -> None:
                 raise
             result = exc.result
         if result.pending:
-            result = _outcome_of_pending(result, late_failures)
+            result = _outcome_of_pending(result, late_failures, timeout)
     for failed, error in result.failed:
         click.echo(f"FAILED {failed.id} via {channel}: {error!r}", err=True)
     if not result.ok:
         raise SystemExit(1)
     to = f" to {address}" if address is not None else ""
+    if state.delivery[channel] == "celery":
+        _worker_outcome(state, channel, intent, to, timeout)
+        return
     if is_mail and current_app.extensions["mail"].suppress:
         click.echo(
             f"Suppressed {intent.id} via {channel} (MAIL_SUPPRESS_SEND):"
@@ -136,15 +156,51 @@ def send_test(channel: str, address: str | None) -> None:
         click.echo(f"Sent {intent.id} via {channel}{to}.")
 
 
+def _worker_outcome(
+    state: State, channel: str, intent: Intent, to: str, timeout: float
+) -> None:
+    """Wait for a Celery worker to deliver the published test notification.
+
+    The worker's never-twice guard records each intent's final outcome: read
+    there, so the test goes through the broker and a worker like any intent.
+    """
+    mode = t.cast("CeleryDelivery", state.modes["celery"])
+    queue = mode.queue_of(state, channel)
+    click.echo(f"Published {intent.id} via {channel} to Celery queue {queue!r}.")
+    deadline = time.monotonic() + timeout
+    outcome = None
+    while outcome not in FINAL and time.monotonic() < deadline:
+        time.sleep(0.1)
+        outcome = mode.guard.outcome(intent.id)
+    if outcome == "done":
+        click.echo(f"Sent {intent.id} via {channel}{to}, by a Celery worker.")
+        return
+    if outcome is None or outcome not in FINAL:
+        click.echo(
+            f"FAILED {intent.id} via {channel}: no Celery worker delivered it within"
+            f" {timeout:g} s. Is a worker consuming queue {queue!r}"
+            " (celery -A <your module> worker -Q"
+            f" {queue})?",
+            err=True,
+        )
+    else:
+        click.echo(
+            f"FAILED {intent.id} via {channel}: the Celery worker recorded it as"
+            f" {outcome}; its log says why.",
+            err=True,
+        )
+    raise SystemExit(1)
+
+
 def _outcome_of_pending(
-    result: BatchResult, failures: list[tuple[Intent, BaseException]]
+    result: BatchResult, failures: list[tuple[Intent, BaseException]], timeout: float
 ) -> BatchResult:
     """Wait for a handed-off test notification; return what became of it.
 
     :param failures: every ``intent_failed`` sent since before the commit.
     """
     try:
-        wait(timeout=_SEND_TEST_TIMEOUT)
+        wait(timeout=timeout)
     except TimeoutError as exc:
         raise click.ClickException(str(exc)) from exc
     pending = {intent.id for intent in result.pending}

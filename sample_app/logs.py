@@ -36,6 +36,19 @@ def configure_logging(app: Flask, stream: t.TextIO | None = None) -> None:
         logger.setLevel(logging.INFO)
 
 
+def log_through_celery(app: Flask) -> None:
+    """In a Celery worker, leave the app's records to the worker's own log.
+
+    The worker hands its standard streams to its logger and logs every record
+    that reaches the root logger, so the handler :func:`configure_logging`
+    installed would write each line twice. Without it the app's records
+    propagate to the worker's handler, in Celery's format, once.
+    """
+    logger = app.logger
+    for handler in [h for h in logger.handlers if isinstance(h, _AppLogHandler)]:
+        logger.removeHandler(handler)
+
+
 def connect_receivers(app: Flask) -> None:
     """Log each commit that carries notifications, and each email sent."""
     signals.batch_committed.connect(_log_commit, sender=app)
