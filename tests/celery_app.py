@@ -18,7 +18,13 @@ from celery import Celery, Task
 from flask import Flask
 from flask_mail import Mail
 
-from notifyqueue import Channel, NotifyQueue, PermanentFailure, TransientFailure
+from notifyqueue import (
+    Channel,
+    NotifyQueue,
+    PermanentFailure,
+    TransientFailure,
+    signals,
+)
 
 from .helpers import db
 
@@ -44,14 +50,46 @@ def celery_init_app(app: Flask) -> Celery:
 
 
 def create_app(config: dict[str, t.Any]) -> Flask:
+    """The app of ``config``.
+
+    Two test-only keys: ``TEST_SIGNAL_LOG``, a file each notifyqueue signal
+    about an intent appends ``<signal> <intent id>`` to (in whichever process
+    sends it); ``TEST_BARE_CELERY``, a Celery app made without the guide's
+    ``FlaskTask`` (its tasks run with no app context pushed).
+    """
     app = Flask("celery_test_app")
     app.config.update(TESTING=True, MAIL_DEFAULT_SENDER="notify@example.com")
     app.config.update(config)
     db.init_app(app)
     Mail(app)
-    celery_init_app(app)
+    if app.config.get("TEST_BARE_CELERY"):
+        bare = Celery(app.name)
+        bare.config_from_object(app.config["CELERY"])
+        app.extensions["celery"] = bare
+    else:
+        celery_init_app(app)
     NotifyQueue(app)
+    if app.config.get("TEST_SIGNAL_LOG"):
+        _log_signals(app, app.config["TEST_SIGNAL_LOG"])
     return app
+
+
+def _log_signals(app: Flask, path: str) -> None:
+    def receiver(name: str) -> t.Callable[..., None]:
+        def record(sender: Flask, *, intent: Intent, **kwargs: t.Any) -> None:
+            with open(path, "a", encoding="utf-8") as file:
+                file.write(f"{name} {intent.id}\n")
+
+        return record
+
+    for name in (
+        "intent_dispatched",
+        "intent_failed",
+        "intent_retrying",
+        "intent_dead",
+    ):
+        # Strongly held: the receivers live as long as the app.
+        getattr(signals, name).connect(receiver(name), sender=app, weak=False)
 
 
 class FileChannel(Channel):
