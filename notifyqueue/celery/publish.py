@@ -53,10 +53,13 @@ class Publisher:
             connection = self.celery_app.connection_for_write(
                 connect_timeout=self.timeout,
                 transport_options={
-                    # Redis: the socket's timeouts; RabbitMQ: wait for the
-                    # broker's confirmation of each publish.
+                    # Redis: the socket's timeouts.
                     "socket_timeout": self.timeout,
                     "socket_connect_timeout": self.timeout,
+                    # RabbitMQ: the socket's timeouts, and wait for the
+                    # broker's confirmation of each publish.
+                    "read_timeout": self.timeout,
+                    "write_timeout": self.timeout,
                     "confirm_publish": True,
                     "max_retries": 1,
                 },
@@ -81,6 +84,10 @@ class Publisher:
                 producer=producer,
                 retry=True,
                 retry_policy=_RETRY_POLICY,
+                # A broker that took the connection and went silent: the
+                # wait for its confirmation ends too.
+                timeout=self.timeout,
+                confirm_timeout=self.timeout,
                 ignore_result=True,
                 **options,
             )
