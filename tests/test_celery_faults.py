@@ -32,6 +32,7 @@ pytest_plugins = ["tests.celery_support"]
 
 TIMEOUT = 0.5
 """NOTIFYQUEUE_CELERY_PUBLISH_TIMEOUT here (the default)."""
+NAMES = ("one", "two", "three", "four", "five", "six")
 FAST = 3.0
 """The most a failed publish may hold a request here: two tries of TIMEOUT
 each, with room for a slow machine. A healthy publish takes milliseconds."""
@@ -82,11 +83,12 @@ def test_a_request_fails_fast_on_a_broker_that_is_down_and_reports_it(
 
     with signals.intent_failed.connected_to(record, sender=app):
         began = time.monotonic()
-        result = commit_items(app, "one", "two", "three")
+        # Six: one timeout per intent would hold it far past FAST.
+        result = commit_items(app, *NAMES)
         took = time.monotonic() - began
     assert took < FAST, f"the commit waited {took:.2f} s for a broker that is {how}"
     assert result.committed and result.pending == []
-    assert [intent.payload for intent, _ in result.failed] == ["one", "two", "three"]
+    assert [intent.payload for intent, _ in result.failed] == list(NAMES)
     for _, exc in result.failed:
         assert isinstance(exc, TransientFailure)
         assert "Is the broker running?" in str(exc)
