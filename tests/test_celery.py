@@ -21,7 +21,13 @@ from notifyqueue import BatchResult, enqueue, finalise
 from notifyqueue.delivery.celery import CeleryDelivery
 
 from .celery_app import CONFIG_ENV, create_app, sent_lines
-from .celery_support import MakeWorker, require_redis, wait_until
+from .celery_support import (
+    MakeWorker,
+    redelivery_options,
+    require_redis,
+    transport_options,
+    wait_until,
+)
 from .conftest import SMTPServer
 from .helpers import Item, db
 
@@ -51,11 +57,11 @@ def make_config(
             "task_default_queue": queue,
             "broker_connection_retry_on_startup": True,
             # Redis gives an unacknowledged task of a dead worker to the next
-            # one only after this; the default is an hour.
+            # one only after its visibility timeout (an hour by default); the
+            # test's own keys for them, so no other run's worker restores them.
             "broker_transport_options": {
-                "visibility_timeout": 3,
-                "unacked_restore_interval": 1,
-                "unacked_restore_throttle": 1,
+                **transport_options(broker_url, queue),
+                **redelivery_options(3),
             },
         },
         "NOTIFYQUEUE_CELERY_GUARD": guard_url(),

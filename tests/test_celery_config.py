@@ -9,6 +9,7 @@ import sys
 import typing as t
 
 import pytest
+from celery import Celery
 from flask import Flask
 
 from notifyqueue import ConfigurationError, NotifyQueue
@@ -165,3 +166,12 @@ def test_channels_shows_the_celery_queue() -> None:
         == "audit: type=log delivery=celery queue=celery durable=True options={}"
     )
     assert lines[2] == "plain: type=log delivery=inline options={}"
+
+
+def test_the_task_is_registered_on_the_apps_celery_app_only() -> None:
+    app = _app()
+    NotifyQueue(app)
+    other = Celery("another", broker=REDIS)
+    other.finalize()
+    assert TASK_NAME in app.extensions["celery"].tasks
+    assert TASK_NAME not in other.tasks

@@ -60,6 +60,8 @@ def register(celery_app: celery.Celery) -> celery.Task:
         "celery.Task",
         celery_app.task(
             name=TASK_NAME,
+            # Only on this Celery app, not on every one the process finalises.
+            shared=False,
             bind=True,
             acks_late=True,
             reject_on_worker_lost=True,
