@@ -1,12 +1,13 @@
 """Publishing intents as ``notifyqueue.deliver`` tasks, failing fast on a dead broker.
 
 ``delay()`` to a broker that is down can block a request for a long time
-(celery #6046): Celery's connection timeout defaults to 4 s and publishes are
-retried several times. notifyqueue publishes over a connection of its own per
-thread, with its own connect and read timeout and at most two tries, so a
-dead or hung broker costs a request about a second at most. On RabbitMQ the
-connection uses publisher confirms: a publish returns once the broker has the
-message, not once it is in a socket buffer.
+(celery #6046): Celery's connection timeout defaults to 4 s, publishes are
+retried several times, and a hung Redis has no read timeout at all.
+notifyqueue publishes over a connection of its own per thread, with its own
+connect, read and confirm timeout (``NOTIFYQUEUE_CELERY_PUBLISH_TIMEOUT``):
+a broker that refuses costs a request milliseconds, a hung one that timeout
+once. On RabbitMQ the connection uses publisher confirms: a publish returns
+once the broker has the message, not once it is in a socket buffer.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class Publisher:
                     "read_timeout": self.timeout,
                     "write_timeout": self.timeout,
                     "confirm_publish": True,
-                    "max_retries": 1,
+                    # Connecting is tried once; publish() decides on a retry.
+                    "max_retries": 0,
                 },
             )
             producer = self.celery_app.amqp.Producer(connection)
@@ -71,48 +73,62 @@ class Publisher:
     def publish(self, intent: Intent, queue: str | None, **options: t.Any) -> None:
         """Publish ``intent`` as one task, ``task_id`` its id.
 
-        :raises Exception: whatever kombu raised, once two tries failed (the
-            connection is then dropped; the next publish opens a new one).
+        A failed try drops the connection. A connection that failed (one the
+        broker closed while it was idle, say) is retried once on a new one;
+        a try that timed out is not: the broker is hung, and a second wait
+        would only double the request's.
+
+        :raises Exception: whatever kombu raised for the last try.
         """
-        producer = self._producer()
-        try:
-            self.celery_app.send_task(
-                TASK_NAME,
-                args=[intent.to_dict()],
-                task_id=intent.id,
-                queue=queue,
-                producer=producer,
-                retry=True,
-                retry_policy=_RETRY_POLICY,
-                # A broker that took the connection and went silent: the
-                # wait for its confirmation ends too.
-                timeout=self.timeout,
-                confirm_timeout=self.timeout,
-                ignore_result=True,
-                **options,
-            )
-        except BaseException:
-            self.reset()
-            raise
+        for last in (False, True):
+            producer = self._producer()
+            try:
+                self.celery_app.send_task(
+                    TASK_NAME,
+                    args=[intent.to_dict()],
+                    task_id=intent.id,
+                    queue=queue,
+                    producer=producer,
+                    retry=False,
+                    # A broker that took the connection and went silent:
+                    # the wait for its confirmation ends too.
+                    timeout=self.timeout,
+                    confirm_timeout=self.timeout,
+                    ignore_result=True,
+                    **options,
+                )
+                return
+            except Exception as exc:
+                self.reset()
+                if last or _timed_out(exc):
+                    raise
+            except BaseException:
+                self.reset()
+                raise
 
     def reset(self) -> None:
-        """Drop this thread's connection."""
+        """Drop this thread's connection, without waiting for the broker."""
         producer = getattr(self._local, "producer", None)
         self._local.producer = None
         if producer is not None:
+            # collect(), not close(): a close waits for the broker's answer,
+            # which a hung broker never sends.
             try:
-                producer.connection.close()
-            except Exception:  # closing a connection that already failed
+                producer.connection.collect()
+            except Exception:  # releasing a connection that already failed
                 logger.debug(
-                    "Closing a failed broker connection raised.", exc_info=True
+                    "Releasing a failed broker connection raised.", exc_info=True
                 )
 
 
-# One retry, at once: enough for a connection the broker closed while idle,
-# not enough to hold a request while a dead broker refuses.
-_RETRY_POLICY = {
-    "max_retries": 1,
-    "interval_start": 0,
-    "interval_step": 0.1,
-    "interval_max": 0.1,
-}
+def _timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is a timeout."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        # socket.timeout is TimeoutError; redis-py and kombu have their own.
+        if isinstance(current, TimeoutError) or "Timeout" in type(current).__name__:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
