@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 import time
 import typing as t
 from datetime import datetime, timedelta, timezone
@@ -20,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 
-from notifyqueue import TransientFailure, outbox, signals, testing
+from notifyqueue import BatchResult, TransientFailure, outbox, signals, testing
 
 from .celery_app import CONFIG_ENV, sent_lines
 from .celery_support import MakeWorker, proxied_url, wait_until
@@ -238,3 +239,25 @@ def test_a_connection_the_broker_dropped_is_replaced_without_failing_a_publish(
     result = commit_items(app, "after", "and after")
     assert result.failed == []
     assert [intent.payload for intent in result.pending] == ["after", "and after"]
+
+
+def test_commits_in_short_lived_threads_reuse_the_kept_broker_connection(
+    broker_url: str, celery_queue: str, tmp_path: Path, broker_proxy: TCPProxy
+) -> None:
+    out = tmp_path / "sent.txt"
+    app, _ = proxied(
+        broker_url, broker_proxy, celery_queue, tmp_path, {"file": file_channel(out)}
+    )
+    results: list[BatchResult] = []
+    # One thread per request, as a threaded development server runs them.
+    for number in range(10):
+        thread = threading.Thread(
+            target=lambda n=number: results.append(commit_items(app, f"n{n}"))
+        )
+        thread.start()
+        thread.join(30)
+        assert not thread.is_alive()
+    assert [len(result.pending) for result in results] == [1] * 10
+    # One kombu connection: one socket on RabbitMQ, two on Redis (the
+    # transport's client and its pool's); a connection per thread were 10+.
+    assert broker_proxy.connections <= 2

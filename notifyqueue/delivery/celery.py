@@ -127,24 +127,18 @@ class CeleryDelivery(DeliveryMode):
         per intent.
         """
         options = state.options
-        failure: TransientFailure | None = None
-        for number, intent in enumerate(intents):
-            try:
-                self.publisher.publish(
-                    intent, options.get(intent.channel, {}).get("celery_queue")
-                )
-            except Exception as exc:
-                failure = TransientFailure(
-                    f"Publishing to the Celery broker {self.broker} failed: {exc!r}."
-                    " Is the broker running? The notification was not handed to"
-                    " Celery."
-                )
-                failure.__cause__ = exc
-                failed = intents[number:]
-                break
-            result.dispatched.append(intent)
-        if failure is None:
+        published, error = self.publisher.publish_all(
+            intents, lambda intent: options.get(intent.channel, {}).get("celery_queue")
+        )
+        result.dispatched.extend(intents[:published])
+        if error is None:
             return
+        failure = TransientFailure(
+            f"Publishing to the Celery broker {self.broker} failed: {error!r}. Is"
+            " the broker running? The notification was not handed to Celery."
+        )
+        failure.__cause__ = error
+        failed = intents[published:]
         logger.error(
             "Publishing %d notification(s) of app %r to the Celery broker %s"
             " failed; they were not handed to Celery: %s.",
