@@ -4,7 +4,9 @@ Prints a table, writes ``benchmarks.json`` and, if matplotlib is installed
 (``pip install -e ".[bench]"``), draws ``benchmarks.png`` in ``--out``.
 B5 spends about a second on each of its inline requests (5 with ``--quick``,
 10 without), as its SMTP server stalls that long. B6 drains 20,000 outbox
-rows per run (1,000 with ``--quick``).
+rows per run (1,000 with ``--quick``). B7 (Celery) needs Redis
+(``NOTIFYQUEUE_TEST_REDIS_URL``, default the local one) and starts a real
+worker process; it is skipped, saying why, where Redis cannot be reached.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from . import cases
+from . import cases, celery_cases
 
 PACKAGES = [
     "notifyqueue",
@@ -34,6 +36,9 @@ PACKAGES = [
     "blinker",
     "psycopg",
     "aiosmtpd",
+    "celery",
+    "kombu",
+    "redis",
 ]
 POSTGRES_URL = os.environ.get(
     "NOTIFYQUEUE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -132,10 +137,27 @@ def _run(quick: bool, sqlite: str, drainer_sqlite: str) -> dict[str, t.Any]:
             name: cases.b6_drainer(url, 1000 if quick else 20_000, 1 if quick else 2)
             for name, url in (databases | {"sqlite": drainer_sqlite}).items()
         }
+        results["B7"] = b7(sqlite, quick, repeats)
     finally:
         if pg:
             drop_schema()
     return results
+
+
+def b7(sqlite: str, quick: bool, repeats: int) -> dict[str, t.Any]:
+    """B7 (Celery), or ``{"skipped": reason}`` where Redis is not reachable."""
+    reason = celery_cases.redis_unreachable()
+    if reason is not None:
+        if os.environ.get("NOTIFYQUEUE_REQUIRE_SERVICES") == "1":
+            raise RuntimeError(f"B7: {reason}, and NOTIFYQUEUE_REQUIRE_SERVICES=1")
+        print(f"B7 skipped: {reason}", file=sys.stderr)
+        return {"skipped": reason}
+    return {
+        "redis": celery_cases.REDIS_URL,
+        "request": celery_cases.b7_request(sqlite, 20 if quick else 200, repeats),
+        "publish": celery_cases.b7_publish(200 if quick else 2000, repeats),
+        "worker": celery_cases.b7_worker(500 if quick else 5000, 1 if quick else 3),
+    }
 
 
 def table(results: dict[str, t.Any]) -> str:
@@ -250,11 +272,38 @@ def table(results: dict[str, t.Any]) -> str:
                 for layout in layouts
             )
         )
+    lines += ["", *b7_table(results["B7"], us, ms_range, per_second, x)]
     return "\n".join(lines)
 
 
+def b7_table(
+    b7: dict[str, t.Any], *formats: t.Callable[[dict[str, float]], str]
+) -> list[str]:
+    us, ms_range, per_second, x = formats
+    if "skipped" in b7:
+        return [f"B7 Celery skipped: {b7['skipped']}"]
+    request, publish, worker = b7["request"], b7["publish"], b7["worker"]
+    first = "publish opening a connection"
+    return [
+        f"B7 Celery (Redis at {b7['redis']}): the colour endpoint with its mail"
+        " channel on each mode (median per request, min–max)",
+        f"  mail inline     {ms_range(request['mail inline'])}  (SMTP on loopback)",
+        f"  mail background {ms_range(request['mail background'])}",
+        f"  mail celery     {ms_range(request['mail celery'])}  ratio to inline"
+        f" {x(request['celery to inline ratio'])}, to background"
+        f" {x(request['celery to background ratio'])}",
+        f"  one publish {us(publish['publish'])} on a kept connection; one that"
+        f" opens its connection {us(publish[first])}",
+        f"  one worker (solo pool), do-nothing channel, {worker['tasks']} tasks"
+        f" {worker['per commit']} to a commit, from the first publish to the last"
+        f" delivery: {per_second(worker['tasks per second'])} (publishing alone"
+        f" {per_second(worker['publishes per second'])}; the worker started in"
+        f" {worker['worker startup seconds']:.1f} s)",
+    ]
+
+
 def chart(results: dict[str, t.Any], path: Path) -> bool:
-    """Draw B1-B3, B5 and B6 as a PNG; False if matplotlib is not installed."""
+    """Draw B1-B3 and B5-B7 as a PNG; False if matplotlib is not installed."""
     try:
         import matplotlib
         import matplotlib.ticker
@@ -263,7 +312,10 @@ def chart(results: dict[str, t.Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (b1, b2, b3, b5, b6) = plt.subplots(1, 5, figsize=(21, 4))
+    celery = "skipped" not in results["B7"]
+    panels = 6 if celery else 5
+    fig, axes = plt.subplots(1, panels, figsize=(21 * panels / 5, 4))
+    b1, b2, b3, b5, b6 = axes[:5]
     rows = results["B1"]["rows"]
     sizes = [row["intents"] for row in rows]
     for side in ("notifyqueue", "naive"):
@@ -365,10 +417,48 @@ def chart(results: dict[str, t.Any], path: Path) -> bool:
     b6.set_title(f"B6 drainer, {first['rows']} rows, batch {first['batch']}")
     b6.legend(loc="upper left", fontsize="small")
     b6.set_ylim(top=b6.get_ylim()[1] * 1.3)
+    if celery:
+        b7_chart(results["B7"], axes[5])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def b7_chart(b7: dict[str, t.Any], axis: t.Any) -> None:
+    """B7's request times by mail delivery mode, the worker's rate in the title."""
+    request = b7["request"]
+    sides = ("inline", "background", "celery")
+    for i, side in enumerate(sides):
+        spread = request[f"mail {side}"]
+        height = spread["median"] * 1e3
+        axis.bar(
+            i,
+            height,
+            width=0.6,
+            color=f"C{i}",
+            yerr=[
+                [height - spread["min"] * 1e3],
+                [spread["max"] * 1e3 - height],
+            ],
+            capsize=3,
+        )
+    celery_height = request["mail celery"]["median"] * 1e3
+    axis.annotate(
+        f"{request['celery to inline ratio']['median']:.2f}x inline,"
+        f" {request['celery to background ratio']['median']:.2f}x background",
+        (2, celery_height),
+        ha="center",
+        va="bottom",
+        fontsize="small",
+        xytext=(0, 8),
+        textcoords="offset points",
+    )
+    axis.set_xticks(range(len(sides)), [f"mail {side}" for side in sides])
+    axis.set_ylabel("ms per request")
+    rate = b7["worker"]["tasks per second"]["median"]
+    axis.set_title(f"B7 Celery: publish to Redis; one worker {rate:.0f} tasks/s")
+    axis.set_ylim(top=axis.get_ylim()[1] * 1.25)
 
 
 def main(argv: list[str] | None = None) -> int:

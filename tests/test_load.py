@@ -18,8 +18,9 @@ from flask import Flask
 from notifyqueue import Intent, enqueue, signals
 from sample_app.extensions import db
 
+from .celery_support import require_redis
 from .conftest import SMTPServer, require_postgres
-from .load import commits_of, loaded_app, run, smtp_outage
+from .load import broker_outage, commits_of, loaded_app, run, smtp_outage
 
 CLIENTS = 8
 
@@ -28,7 +29,13 @@ CLIENTS = 8
     ("delivery", "requests"),
     # Background and durable mail at fewer requests: the pool's four threads
     # share the two cores with the server's, and the suite should stay fast.
-    [("inline", 5000), ("background-mail", 2000), ("durable-mail", 1000)],
+    # Celery mail fewer still: a worker process takes the second core.
+    [
+        ("inline", 5000),
+        ("background-mail", 2000),
+        ("durable-mail", 1000),
+        ("celery-mail", 600),
+    ],
 )
 def test_every_committed_request_notifies_exactly_its_own_changes_once(
     make_smtp_server: t.Callable[..., SMTPServer], delivery: str, requests: int
@@ -38,7 +45,13 @@ def test_every_committed_request_notifies_exactly_its_own_changes_once(
     smtp_server = make_smtp_server()
     background = "background" in delivery
     smtp_server.data_delay = 0.01 if background else 0.0
-    with loaded_app(require_postgres(), smtp_server, delivery) as (app, records):
+    database_url = require_postgres()
+    # Celery: one real worker (solo pool) of the sample app sends the emails.
+    redis_url = require_redis() if delivery.startswith("celery") else None
+    with loaded_app(database_url, smtp_server, delivery, redis_url=redis_url) as (
+        app,
+        records,
+    ):
         report = run(app, smtp_server, records, requests, CLIENTS)
 
     assert report.problems == []
@@ -57,6 +70,56 @@ def test_every_committed_request_notifies_exactly_its_own_changes_once(
     durable = report.durable
     assert (durable.before_drain, durable.drained.claimed) == ({}, 0)
     assert durable.after_drain == {}
+    celery = report.celery
+    if redis_url is None:
+        assert celery is None
+    else:
+        # Among the problems: a task published twice, out of call order, or
+        # for a rolled-back request; an email not sent by the worker once.
+        assert celery is not None
+        assert len(celery.published) == celery.expected == requests
+        assert celery.guard == {"done": requests}
+        assert sorted(smtp_server.intent_ids()) == sorted(celery.published)
+
+
+def test_emails_published_while_the_broker_was_down_are_each_sent_once(
+    smtp_server: SMTPServer,
+) -> None:
+    # Durable Celery mail; the app reaches Redis through a proxy that is down
+    # until half the requests are answered, then back on the same port. The
+    # fast path's publishes fail (each request fails fast and answers its
+    # email failed), the rows wait in the outbox, and the drainer publishes
+    # them; the worker reaches Redis directly throughout.
+    requests = 200
+    database_url, redis_url = require_postgres(), require_redis()
+    with (
+        broker_outage(redis_url) as outage,
+        loaded_app(
+            database_url,
+            smtp_server,
+            "celery-durable-mail",
+            redis_url=redis_url,
+            broker_url=outage.url,
+        ) as (app, records),
+    ):
+        report = run(app, smtp_server, records, requests, CLIENTS, outage=outage)
+    arrived = smtp_server.intent_ids()
+
+    # Among the problems: an email missing or twice, a task published twice,
+    # a row left in the outbox.
+    assert report.problems == []
+    assert len(arrived) == len(set(arrived)) == report.emails == requests
+    durable = report.durable
+    failed = len(durable.failed)
+    assert requests // 4 <= failed <= requests * 3 // 4
+    assert set(durable.failed.values()) == {"mail"}
+    assert durable.before_drain == {"pending": failed}
+    assert (durable.drained.claimed, durable.drained.delivered) == (failed, failed)
+    assert (durable.dead, durable.after_drain) == ([], {})
+    celery = report.celery
+    assert celery is not None
+    assert sorted(celery.published) == sorted(arrived)
+    assert celery.guard == {"done": requests}
 
 
 @pytest.mark.parametrize("delivery", ["durable-mail", "durable-background-mail"])
