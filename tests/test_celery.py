@@ -372,3 +372,28 @@ def test_send_test_goes_through_the_broker_and_a_worker(
     assert f"to Celery queue {celery_queue!r}" in result.output
     wait_until(lambda: len(smtp_server.messages) == 2, 10, worker.log_tail)
     assert len(set(smtp_server.intent_ids())) == 2
+
+
+def test_an_intent_that_kills_its_worker_every_time_runs_out_of_attempts(
+    broker_url: str, celery_queue: str, tmp_path: Path, make_worker: MakeWorker
+) -> None:
+    out = tmp_path / "sent.txt"
+    channels = {"file": file_channel(out, max_attempts=2)}
+    config = make_config(broker_url, celery_queue, tmp_path, channels)
+    app = app_for(config)
+    intent = commit_items(app, "sleep:60 poison").pending[0]
+    guard = app.extensions["notifyqueue"].modes["celery"].guard
+    for _ in range(2):  # each attempt claims it, then its worker dies
+        worker = start(make_worker, config, celery_queue)
+        # The claim's token names the process that holds it.
+        mine = f":{worker.pid}:"
+        wait_until(
+            lambda: mine in (guard.outcome(intent.id) or ""), 30, worker.log_tail
+        )
+        assert worker.kill() == -9
+    # Redelivered once more, it is not tried a third time: it is dead.
+    last = start(make_worker, config, celery_queue)
+    wait_until(lambda: guard.outcome(intent.id) == "dead", 30, last.log_tail)
+    assert "gave up: 2 attempt(s) of 2 never reported an outcome" in last.log_text()
+    assert signals_of(tmp_path, intent.id) == ["intent_dead"]
+    assert sent_lines(str(out)) == []

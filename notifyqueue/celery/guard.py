@@ -90,6 +90,13 @@ class Guard:
         self.timeout = timeout
         self._client: redis.Redis | None = None
 
+    @property
+    def display(self) -> str:
+        """The URL without its password, for messages."""
+        from kombu.utils.url import maybe_sanitize_url
+
+        return str(maybe_sanitize_url(self.url))
+
     def _redis(self) -> redis.Redis:
         # Made at first use, not at init_app: nothing connects before a fork.
         # redis-py's pool notices a fork and reconnects in the child.

@@ -142,7 +142,7 @@ def _deliver(task: celery.Task, app: Flask, intent: Intent) -> str:
         logger.error(
             "The Celery guard at %s cannot be reached (%r); notification %s is"
             " tried again in %d s.",
-            guard.url,
+            guard.display,
             exc,
             intent.id,
             countdown,
