@@ -141,7 +141,9 @@ class Guard:
         """Record a final outcome, kept ``retain`` seconds; forget the count."""
         if outcome not in FINAL:
             raise ValueError(f"Unknown outcome {outcome!r}; use one of {FINAL}.")
-        pipeline = self._redis().pipeline(transaction=True)
+        # One round trip; the two need no atomicity (a crash between them
+        # leaves a count that expires with its retain).
+        pipeline = self._redis().pipeline(transaction=False)
         pipeline.set(state_key(intent_id), outcome, px=_ms(retain))
         pipeline.delete(attempts_key(intent_id))
         pipeline.execute()
