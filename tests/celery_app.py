@@ -97,8 +97,9 @@ class FileChannel(Channel):
 
     A payload starting with ``transient:<n>`` fails transiently the first
     ``n`` times its intent is sent (counted in ``<path>.tries``); one starting
-    with ``permanent`` always fails permanently; ``sleep:<s>`` sleeps ``s``
-    seconds before writing (a task to kill in the middle).
+    with ``permanent`` always fails permanently; ``sleep:<s>`` appends
+    ``<intent id> <pid>`` to ``<path>.started``, then sleeps ``s`` seconds
+    before writing (a task to kill in the middle).
     """
 
     def __init__(self, name: str, *, path: str) -> None:
@@ -109,6 +110,8 @@ class FileChannel(Channel):
         for intent in intents:
             text = str(intent.payload)
             if text.startswith("sleep:"):
+                with open(f"{self.path}.started", "a", encoding="utf-8") as file:
+                    file.write(f"{intent.id} {os.getpid()}\n")
                 time.sleep(float(text.split(":")[1].split()[0]))
             if text.startswith("permanent"):
                 raise PermanentFailure(f"{intent.id} refused for good")
