@@ -20,10 +20,10 @@ import typing as t
 import uuid
 from pathlib import Path
 
-from celery import Celery, Task
 from flask import Flask
 
 from notifyqueue import Channel, NotifyQueue
+from sample_app.celery_app import celery_init_app
 from sample_app.extensions import db
 
 if t.TYPE_CHECKING:
@@ -33,20 +33,6 @@ CONFIG_ENV = "NOTIFYQUEUE_BENCH_CELERY_CONFIG"
 READY_ENV = "NOTIFYQUEUE_BENCH_CELERY_READY"
 """A path the worker creates once it consumes its queue."""
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def celery_init_app(app: Flask) -> Celery:
-    """Flask's Celery guide: tasks run in an app context of ``app``."""
-
-    class FlaskTask(Task):  # type: ignore[misc]  # Celery ships no type hints
-        def __call__(self, *args: object, **kwargs: object) -> object:
-            with app.app_context():
-                return self.run(*args, **kwargs)
-
-    celery_app = Celery(app.name, task_cls=FlaskTask)
-    celery_app.config_from_object(app.config["CELERY"])
-    app.extensions["celery"] = celery_app
-    return celery_app
 
 
 def make_app(config: t.Mapping[str, t.Any]) -> Flask:

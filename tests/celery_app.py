@@ -14,7 +14,7 @@ import os
 import time
 import typing as t
 
-from celery import Celery, Task
+from celery import Celery
 from flask import Flask
 from flask_mail import Mail
 
@@ -25,6 +25,7 @@ from notifyqueue import (
     TransientFailure,
     signals,
 )
+from sample_app.celery_app import celery_init_app
 
 from .helpers import db
 
@@ -32,21 +33,6 @@ if t.TYPE_CHECKING:
     from notifyqueue import Intent
 
 CONFIG_ENV = "NOTIFYQUEUE_TEST_CELERY_CONFIG"
-
-
-def celery_init_app(app: Flask) -> Celery:
-    """Flask's Celery guide, word for word."""
-
-    class FlaskTask(Task):  # type: ignore[misc]
-        def __call__(self, *args: object, **kwargs: object) -> object:
-            with app.app_context():
-                return self.run(*args, **kwargs)
-
-    celery_app = Celery(app.name, task_cls=FlaskTask)
-    celery_app.config_from_object(app.config["CELERY"])
-    celery_app.set_default()
-    app.extensions["celery"] = celery_app
-    return celery_app
 
 
 def create_app(config: dict[str, t.Any]) -> Flask:

@@ -88,6 +88,20 @@ def start(make_worker: MakeWorker, config: dict[str, t.Any], queue: str) -> t.An
     return make_worker(TARGET, queue, env={CONFIG_ENV: json.dumps(config)})
 
 
+def file_app(
+    broker_url: str,
+    queue: str,
+    tmp_path: Path,
+    config: t.Mapping[str, t.Any] | None = None,
+    **options: t.Any,
+) -> tuple[Flask, dict[str, t.Any], Path]:
+    """The app of a ``file`` channel with ``options``, its config, its file."""
+    out = tmp_path / "sent.txt"
+    channels = {"file": file_channel(out, **options)}
+    made = make_config(broker_url, queue, tmp_path, channels, **(config or {}))
+    return app_for(made), made, out
+
+
 def app_for(config: dict[str, t.Any]) -> Flask:
     app = create_app(config)
     with app.app_context():
@@ -164,11 +178,7 @@ def test_a_committed_email_is_sent_by_the_worker_exactly_once(
 def test_a_rolled_back_transaction_publishes_nothing(
     broker_url: str, celery_queue: str, tmp_path: Path, make_worker: MakeWorker
 ) -> None:
-    out = tmp_path / "sent.txt"
-    config = make_config(
-        broker_url, celery_queue, tmp_path, {"file": file_channel(out)}
-    )
-    app = app_for(config)
+    app, config, out = file_app(broker_url, celery_queue, tmp_path)
     with app.app_context():
         db.session.add(Item(name="gone"))
         rolled_back = enqueue("file", "never")
@@ -187,11 +197,7 @@ def test_a_rolled_back_transaction_publishes_nothing(
 def test_intents_of_one_commit_are_delivered_in_call_order(
     broker_url: str, celery_queue: str, tmp_path: Path, make_worker: MakeWorker
 ) -> None:
-    out = tmp_path / "sent.txt"
-    config = make_config(
-        broker_url, celery_queue, tmp_path, {"file": file_channel(out)}
-    )
-    app = app_for(config)
+    app, config, out = file_app(broker_url, celery_queue, tmp_path)
     first = commit_items(app, *(f"first {n}" for n in range(20)))
     second = commit_items(app, *(f"second {n}" for n in range(20)))
     expected = [
@@ -205,11 +211,7 @@ def test_intents_of_one_commit_are_delivered_in_call_order(
 def test_a_duplicate_publish_delivers_once(
     broker_url: str, celery_queue: str, tmp_path: Path, make_worker: MakeWorker
 ) -> None:
-    out = tmp_path / "sent.txt"
-    config = make_config(
-        broker_url, celery_queue, tmp_path, {"file": file_channel(out)}
-    )
-    app = app_for(config)
+    app, config, out = file_app(broker_url, celery_queue, tmp_path)
     intent = commit_items(app, "once").pending[0]
     mode = app.extensions["notifyqueue"].modes["celery"]
     assert isinstance(mode, CeleryDelivery)
@@ -234,18 +236,11 @@ def test_a_duplicate_publish_delivers_once(
 def test_a_worker_killed_mid_task_redelivers_and_delivers_once(
     broker_url: str, celery_queue: str, tmp_path: Path, make_worker: MakeWorker
 ) -> None:
-    out = tmp_path / "sent.txt"
     # A lease longer than Redis's visibility timeout here, so that on both
     # brokers the task comes back while the dead worker's claim still holds.
-    lease = 6
-    config = make_config(
-        broker_url,
-        celery_queue,
-        tmp_path,
-        {"file": file_channel(out)},
-        NOTIFYQUEUE_CELERY_LEASE=lease,
+    app, config, out = file_app(
+        broker_url, celery_queue, tmp_path, {"NOTIFYQUEUE_CELERY_LEASE": 6}
     )
-    app = app_for(config)
     intent = commit_items(app, "sleep:1.5 slow").pending[0]
     first = start(make_worker, config, celery_queue)
     wait_until(lambda: started(out), 20, first.log_tail)
@@ -265,11 +260,7 @@ def test_a_worker_killed_mid_task_redelivers_and_delivers_once(
 def test_a_transient_failure_is_retried_with_backoff_then_delivered_once(
     broker_url: str, celery_queue: str, tmp_path: Path, make_worker: MakeWorker
 ) -> None:
-    out = tmp_path / "sent.txt"
-    config = make_config(
-        broker_url, celery_queue, tmp_path, {"file": file_channel(out)}
-    )
-    app = app_for(config)
+    app, config, out = file_app(broker_url, celery_queue, tmp_path)
     intent = commit_items(app, "transient:2 flaky").pending[0]
     worker = start(make_worker, config, celery_queue)
     wait_until(lambda: sent_lines(str(out)), 30, worker.log_tail)
@@ -288,11 +279,7 @@ def test_a_transient_failure_is_retried_with_backoff_then_delivered_once(
 def test_a_permanent_failure_is_not_retried(
     broker_url: str, celery_queue: str, tmp_path: Path, make_worker: MakeWorker
 ) -> None:
-    out = tmp_path / "sent.txt"
-    config = make_config(
-        broker_url, celery_queue, tmp_path, {"file": file_channel(out)}
-    )
-    app = app_for(config)
+    app, config, out = file_app(broker_url, celery_queue, tmp_path)
     intent = commit_items(app, "permanent refusal").pending[0]
     marker = commit_items(app, "marker").pending[0]
     worker = start(make_worker, config, celery_queue)
@@ -307,10 +294,9 @@ def test_a_permanent_failure_is_not_retried(
 def test_transient_failures_stop_at_max_attempts(
     broker_url: str, celery_queue: str, tmp_path: Path, make_worker: MakeWorker
 ) -> None:
-    out = tmp_path / "sent.txt"
-    channels = {"file": file_channel(out, max_attempts=3, retry_backoff=0)}
-    config = make_config(broker_url, celery_queue, tmp_path, channels)
-    app = app_for(config)
+    app, config, out = file_app(
+        broker_url, celery_queue, tmp_path, max_attempts=3, retry_backoff=0
+    )
     intent = commit_items(app, "transient:9 hopeless").pending[0]
     worker = start(make_worker, config, celery_queue)
     wait_until(
@@ -331,15 +317,9 @@ def test_transient_failures_stop_at_max_attempts(
 def test_a_celery_app_without_flasks_task_class_delivers_in_its_app(
     broker_url: str, celery_queue: str, tmp_path: Path, make_worker: MakeWorker
 ) -> None:
-    out = tmp_path / "sent.txt"
-    config = make_config(
-        broker_url,
-        celery_queue,
-        tmp_path,
-        {"file": file_channel(out)},
-        TEST_BARE_CELERY=True,
+    app, config, out = file_app(
+        broker_url, celery_queue, tmp_path, {"TEST_BARE_CELERY": True}
     )
-    app = app_for(config)
     intent = commit_items(app, "bare").pending[0]
     worker = start(make_worker, config, celery_queue)
     wait_until(lambda: sent_lines(str(out)), 20, worker.log_tail)
@@ -379,10 +359,7 @@ def test_send_test_goes_through_the_broker_and_a_worker(
 def test_an_intent_that_kills_its_worker_every_time_runs_out_of_attempts(
     broker_url: str, celery_queue: str, tmp_path: Path, make_worker: MakeWorker
 ) -> None:
-    out = tmp_path / "sent.txt"
-    channels = {"file": file_channel(out, max_attempts=2)}
-    config = make_config(broker_url, celery_queue, tmp_path, channels)
-    app = app_for(config)
+    app, config, out = file_app(broker_url, celery_queue, tmp_path, max_attempts=2)
     intent = commit_items(app, "sleep:60 poison").pending[0]
     guard = app.extensions["notifyqueue"].modes["celery"].guard
     for attempt in (1, 2):  # each attempt claims it, then its worker dies
