@@ -23,42 +23,20 @@ commit, it exits 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 from pathlib import Path
 
 from flask import Flask
 
-from notifyqueue import enqueue, outbox
+from notifyqueue import enqueue
 from notifyqueue.outbox.fast_path import CRASH_POINTS
 from notifyqueue.testing import crash_at
 
 from . import celery_app
 from .helpers import Item, db
+from .outbox_child import Journal, reset_tables
 
 POINTS = tuple(point for point in CRASH_POINTS if point != "mid_send")
-
-
-def reset_tables(app: Flask) -> None:
-    """Fresh ``item`` and outbox tables (a PostgreSQL schema outlives a test)."""
-    with app.app_context():
-        db.drop_all()
-        outbox.metadata.drop_all(db.engine)
-        db.create_all()
-        outbox.create(db.engine)
-        db.engine.dispose()
-
-
-class Journal:
-    """``intents.jsonl``: one line per transaction, each in a single write()."""
-
-    def __init__(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-
-    def note(self, name: str, ids: list[str], commit: bool) -> None:
-        line = json.dumps({"name": name, "ids": ids, "commit": commit}) + "\n"
-        os.write(self.fd, line.encode())
 
 
 def transaction(
