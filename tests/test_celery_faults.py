@@ -21,11 +21,19 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 
-from notifyqueue import BatchResult, TransientFailure, outbox, signals, testing
+from notifyqueue import (
+    BatchResult,
+    TransientFailure,
+    enqueue,
+    finalise,
+    outbox,
+    signals,
+    testing,
+)
 
 from .celery_app import CONFIG_ENV, sent_lines
 from .celery_support import MakeWorker, proxied_url, wait_until
-from .helpers import db
+from .helpers import Item, db
 from .tcp_proxy import TCPProxy
 from .test_celery import TARGET, app_for, commit_items, file_channel, make_config
 
@@ -261,3 +269,33 @@ def test_commits_in_short_lived_threads_reuse_the_kept_broker_connection(
     # One kombu connection: one socket on RabbitMQ, two on Redis (the
     # transport's client and its pool's); a connection per thread were 10+.
     assert broker_proxy.connections <= 2
+
+
+def test_the_drainer_publishes_celery_rows_and_sends_the_others_itself(
+    broker_url: str,
+    celery_queue: str,
+    tmp_path: Path,
+    broker_proxy: TCPProxy,
+    make_worker: MakeWorker,
+) -> None:
+    out = tmp_path / "sent.txt"
+    channels = {
+        "file": file_channel(out, durable=True),
+        "rec": {"type": "tests.helpers:RecordingChannel", "durable": True},
+    }
+    app, config = proxied(broker_url, broker_proxy, celery_queue, tmp_path, channels)
+    with app.app_context():
+        outbox.create(db.engine)
+        with testing.crash_at("after_commit", app):
+            db.session.add(Item(name="both"))
+            published = enqueue("file", "to the worker")
+            sent = enqueue("rec", "by the drainer")
+            finalise(commit=True)
+        recording = app.extensions["notifyqueue"].channels["rec"]
+        assert recording.sent == []
+        assert testing.drain(app, expire_leases=True).delivered == 2
+    assert sent is not None and published is not None
+    assert recording.sent == ["by the drainer"]
+    worker = start(make_worker, config, celery_queue)
+    wait_until(lambda: sent_lines(str(out)), 20, worker.log_tail)
+    assert sent_lines(str(out)) == [f"{published.id} to the worker"]
