@@ -62,6 +62,23 @@ def proxied(
     return app_for(app_config), config
 
 
+def durable_app(
+    broker_url: str,
+    proxy: TCPProxy,
+    queue: str,
+    tmp_path: Path,
+    **more: dict[str, t.Any],
+) -> tuple[Flask, dict[str, t.Any], Path]:
+    """:func:`proxied` with a durable ``file`` channel (and ``more`` channels)
+    and the outbox table; the file too."""
+    out = tmp_path / "sent.txt"
+    channels = {"file": file_channel(out, durable=True), **more}
+    app, config = proxied(broker_url, proxy, queue, tmp_path, channels)
+    with app.app_context():
+        outbox.create(db.engine)
+    return app, config, out
+
+
 def start(make_worker: MakeWorker, config: dict[str, t.Any], queue: str) -> t.Any:
     return make_worker(TARGET, queue, env={CONFIG_ENV: json.dumps(config)})
 
@@ -126,11 +143,7 @@ def test_durable_intents_survive_a_broker_outage_and_the_drainer_publishes_them(
     broker_proxy: TCPProxy,
     make_worker: MakeWorker,
 ) -> None:
-    out = tmp_path / "sent.txt"
-    channels = {"file": file_channel(out, durable=True)}
-    app, config = proxied(broker_url, broker_proxy, celery_queue, tmp_path, channels)
-    with app.app_context():
-        outbox.create(db.engine)
+    app, config, out = durable_app(broker_url, broker_proxy, celery_queue, tmp_path)
     worker = start(make_worker, config, celery_queue)
 
     broker_proxy.stop()
@@ -171,11 +184,7 @@ def test_a_durable_intent_is_done_in_the_outbox_once_the_broker_has_it(
     broker_proxy: TCPProxy,
     make_worker: MakeWorker,
 ) -> None:
-    out = tmp_path / "sent.txt"
-    channels = {"file": file_channel(out, durable=True)}
-    app, config = proxied(broker_url, broker_proxy, celery_queue, tmp_path, channels)
-    with app.app_context():
-        outbox.create(db.engine)
+    app, config, out = durable_app(broker_url, broker_proxy, celery_queue, tmp_path)
     # No worker yet: the row is done as soon as the broker has the task.
     result = commit_items(app, "fast path")
     assert len(result.pending) == 1 and result.failed == []
@@ -194,11 +203,7 @@ def test_a_crash_between_commit_and_publish_is_published_by_the_drainer_once(
     broker_proxy: TCPProxy,
     make_worker: MakeWorker,
 ) -> None:
-    out = tmp_path / "sent.txt"
-    channels = {"file": file_channel(out, durable=True)}
-    app, config = proxied(broker_url, broker_proxy, celery_queue, tmp_path, channels)
-    with app.app_context():
-        outbox.create(db.engine)
+    app, config, out = durable_app(broker_url, broker_proxy, celery_queue, tmp_path)
     with testing.crash_at("after_commit", app):
         lost = commit_items(app, "crashed 1", "crashed 2")
     # Published both, then "died" before marking the rows: the drainer
@@ -278,14 +283,14 @@ def test_the_drainer_publishes_celery_rows_and_sends_the_others_itself(
     broker_proxy: TCPProxy,
     make_worker: MakeWorker,
 ) -> None:
-    out = tmp_path / "sent.txt"
-    channels = {
-        "file": file_channel(out, durable=True),
-        "rec": {"type": "tests.helpers:RecordingChannel", "durable": True},
-    }
-    app, config = proxied(broker_url, broker_proxy, celery_queue, tmp_path, channels)
+    app, config, out = durable_app(
+        broker_url,
+        broker_proxy,
+        celery_queue,
+        tmp_path,
+        rec={"type": "tests.helpers:RecordingChannel", "durable": True},
+    )
     with app.app_context():
-        outbox.create(db.engine)
         with testing.crash_at("after_commit", app):
             db.session.add(Item(name="both"))
             published = enqueue("file", "to the worker")
