@@ -313,6 +313,8 @@ class NotifyQueue:
             for key, value in settings.items():
                 app.config.setdefault(key, value)
             app.extensions[EXTENSION_KEY] = state
+            for mode in state.modes.values():
+                mode.init_app(app)
             app.teardown_appcontext(_teardown)
             appcontext_tearing_down.connect(_after_teardown, sender=app, weak=False)
             _initialised.add(app)

@@ -12,7 +12,7 @@ import pytest
 from celery import Celery
 from flask import Flask
 
-from notifyqueue import ConfigurationError, NotifyQueue
+from notifyqueue import ConfigurationError, NotifyQueue, TemplateError, deferred_notify
 from notifyqueue.celery import TASK_NAME, register
 from notifyqueue.delivery.celery import CeleryDelivery
 
@@ -175,3 +175,20 @@ def test_the_task_is_registered_on_the_apps_celery_app_only() -> None:
     other.finalize()
     assert TASK_NAME in app.extensions["celery"].tasks
     assert TASK_NAME not in other.tasks
+
+
+def test_a_refused_init_app_registers_no_task_on_the_celery_app() -> None:
+    app = _app(
+        NOTIFYQUEUE_CHANNELS={
+            "strict": {"type": "tests.helpers:StrictChannel", "delivery": "celery"}
+        }
+    )
+
+    # Refused by the channel when init_app checks the decorated functions,
+    # after the delivery modes were built.
+    @deferred_notify(strict={"txt": "wrong key"})
+    def refused() -> None: ...
+
+    with pytest.raises(TemplateError, match="unknown key 'txt'"):
+        NotifyQueue(app)
+    assert TASK_NAME not in app.extensions["celery"].tasks

@@ -43,6 +43,11 @@ class DeliveryMode:
         import in many apps, before a server forks its workers.
         """
 
+    def init_app(self, app: Flask) -> None:
+        """Called once ``init_app`` has checked everything and registered the
+        app: where a mode hooks into other extensions. The base class does
+        nothing."""
+
     def before_commit(
         self, app: Flask, state: State, session: Session, intents: list[Intent]
     ) -> None:

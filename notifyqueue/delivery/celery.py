@@ -85,7 +85,6 @@ class CeleryDelivery(DeliveryMode):
             ) from exc
         from ..celery.guard import Guard
         from ..celery.publish import Publisher
-        from ..celery.task import link, register
 
         celery_app = app.extensions.get("celery")
         if not isinstance(celery_app, celery.Celery):
@@ -103,8 +102,14 @@ class CeleryDelivery(DeliveryMode):
         self.publisher: Publisher = Publisher(
             celery_app, timeout=float(settings[_TIMEOUT])
         )
-        link(celery_app, app)
-        register(celery_app)
+
+    def init_app(self, app: Flask) -> None:
+        # Only once init_app has succeeded: a refused config leaves the
+        # Celery app without the task.
+        from ..celery.task import link, register
+
+        link(self.celery_app, app)
+        register(self.celery_app)
 
     def deliver(
         self, app: Flask, state: State, intents: list[Intent], result: BatchResult
