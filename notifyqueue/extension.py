@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import math
 import threading
 import typing as t
 import weakref
@@ -17,6 +16,7 @@ from .delivery import MODES, DeliveryMode
 from .errors import ArgumentTypeError, ConfigurationError, LifecycleError, TemplateError
 from .outbox.policy import OPTIONS as RETRY_OPTIONS
 from .outbox.policy import RetryPolicy
+from .settings import seconds
 from .state import EXTENSION_KEY, State, state_of
 from .transaction import begin_teardown, end_teardown, watch
 
@@ -72,8 +72,8 @@ def _state_from_config(
         )
     default_mode = _mode_name(settings["NOTIFYQUEUE_DELIVERY"], "NOTIFYQUEUE_DELIVERY")
     default_durable = _flag(settings["NOTIFYQUEUE_DURABLE"], "NOTIFYQUEUE_DURABLE")
-    lease = _seconds(settings, "NOTIFYQUEUE_OUTBOX_LEASE", minimum_above=0)
-    retain = _seconds(settings, "NOTIFYQUEUE_OUTBOX_RETAIN", minimum_above=None)
+    lease = seconds(settings, "NOTIFYQUEUE_OUTBOX_LEASE", minimum_above=0)
+    retain = seconds(settings, "NOTIFYQUEUE_OUTBOX_RETAIN", minimum_above=None)
     for mode in MODES.values():
         mode.check_settings(settings)
     configured = settings["NOTIFYQUEUE_CHANNELS"]
@@ -163,24 +163,6 @@ def _flag(value: t.Any, where: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigurationError(f"{where} is {value!r}; use True or False.")
     return value
-
-
-def _seconds(
-    settings: t.Mapping[str, t.Any], key: str, *, minimum_above: float | None
-) -> float:
-    """A number of seconds: above ``minimum_above``, or 0 or more if ``None``."""
-    value = settings[key]
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or (value <= minimum_above if minimum_above is not None else value < 0)
-    ):
-        what = "above 0" if minimum_above is not None else "0 or more"
-        raise ConfigurationError(
-            f"{key} is {value!r}; use a number of seconds, {what}."
-        )
-    return float(value)
 
 
 def _check_promises(order: str, strict: bool, delivery: dict[str, str]) -> None:

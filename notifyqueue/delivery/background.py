@@ -11,7 +11,6 @@ import atexit
 import collections
 import dataclasses
 import logging
-import math
 import os
 import threading
 import time
@@ -23,6 +22,7 @@ from ..dispatch import remove_thread_session, send_isolated
 from ..errors import ConfigurationError, LifecycleError
 from ..intent import BatchResult
 from ..outbox.fast_path import dispatch
+from ..settings import seconds
 from ..state import state_of
 from .base import DeliveryMode
 
@@ -87,16 +87,7 @@ class BackgroundDelivery(DeliveryMode):
                 raise ConfigurationError(
                     f"{key} is {value!r}; use a whole number of {what}, 1 or more."
                 )
-        timeout = settings[_TIMEOUT]
-        if (
-            not isinstance(timeout, (int, float))
-            or isinstance(timeout, bool)
-            or not math.isfinite(timeout)
-            or timeout < 0
-        ):
-            raise ConfigurationError(
-                f"{_TIMEOUT} is {timeout!r}; use a number of seconds, 0 or more."
-            )
+        seconds(settings, _TIMEOUT, minimum_above=None)
 
     def __init__(self, app: Flask, settings: t.Mapping[str, t.Any]) -> None:
         self.app_name = app.name

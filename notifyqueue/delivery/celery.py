@@ -12,7 +12,6 @@ accepted its task.
 from __future__ import annotations
 
 import logging
-import math
 import typing as t
 
 from .. import signals
@@ -20,6 +19,7 @@ from ..dispatch import send_isolated
 from ..errors import ConfigurationError, TransientFailure
 from ..intent import BatchResult
 from ..outbox.fast_path import dispatch
+from ..settings import seconds
 from .base import DeliveryMode
 
 if t.TYPE_CHECKING:
@@ -64,16 +64,7 @@ class CeleryDelivery(DeliveryMode):
                 " Celery broker's own Redis."
             )
         for key in (_LEASE, _RETAIN, _TIMEOUT):
-            value = settings[key]
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value <= 0
-            ):
-                raise ConfigurationError(
-                    f"{key} is {value!r}; use a number of seconds, above 0."
-                )
+            seconds(settings, key, minimum_above=0)
 
     def __init__(self, app: Flask, settings: t.Mapping[str, t.Any]) -> None:
         try:
