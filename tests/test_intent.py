@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
 import os
+import pickle
 import re
+import time
 import typing as t
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
@@ -223,3 +226,55 @@ def test_batch_result_lists_start_empty_and_unshared() -> None:
 
     assert second.dispatched == []
     assert (second.failed, second.discarded) == ([], [])
+
+
+# -- id and created_at are made when first read ---------------------------------
+
+
+def test_created_at_is_the_queue_time_even_when_read_later() -> None:
+    before = datetime.now(timezone.utc)
+    intent = Intent.new("log", "hello", "enqueue")
+    after = datetime.now(timezone.utc)
+    time.sleep(0.01)
+
+    assert before <= intent.created_at <= after
+
+
+def test_id_and_created_at_are_made_once_and_kept() -> None:
+    intent = Intent.new("log", "hello", "enqueue")
+
+    assert "id" not in vars(intent)  # not made until read
+    first = intent.id
+    assert vars(intent)["id"] == first
+    assert intent.id is first
+    assert intent.created_at is intent.created_at
+
+
+@pytest.mark.parametrize(
+    "copy_of",
+    [
+        copy.copy,
+        copy.deepcopy,
+        lambda intent: pickle.loads(pickle.dumps(intent)),
+        lambda intent: dataclasses.replace(intent),
+    ],
+)
+def test_an_unread_intent_copies_with_its_id_and_time(
+    copy_of: t.Callable[[Intent], Intent],
+) -> None:
+    intent = Intent.new("log", "hello", "enqueue")
+
+    copied = copy_of(intent)
+
+    assert copied == intent
+    assert (copied.id, copied.created_at) == (intent.id, intent.created_at)
+
+
+def test_an_intent_made_by_its_constructor_is_the_same_as_one_made_new() -> None:
+    made = Intent.new("log", "hello", "enqueue")
+
+    built = Intent(made.id, "log", "hello", "enqueue", made.created_at)
+
+    assert built == made
+    assert dataclasses.asdict(built) == dataclasses.asdict(made)
+    assert repr(built) == repr(made)
