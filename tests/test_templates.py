@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
 import typing as t
 
@@ -499,3 +500,44 @@ def test_raw_log_payload_is_queued_as_it_is(app, ctx):
 def test_raw_payload_of_the_wrong_type_is_refused_at_queue_time(app, ctx):
     with pytest.raises(TemplateError, match=r"takes a str payload, got int 42"):
         enqueue("log", Raw(42))
+
+
+def _outcome(render: t.Callable[[], t.Any]) -> tuple[t.Any, ...]:
+    try:
+        return ("rendered", render())
+    except TemplateError as exc:
+        return ("refused", str(exc), type(exc.__cause__))
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(
+    templates(),
+    st.sampled_from(["", "\n", "\r\n", "x"]),
+    st.sampled_from(["full", "empty"]),
+)
+def test_a_channels_renderer_agrees_with_its_render(
+    text: str, line_break: str, which: str
+) -> None:
+    # The wrapper's fast path renders with Channel._renderer(template), worked
+    # out once per app; the general path calls Channel.render each time.
+    from notifyqueue import Channel
+    from notifyqueue.channels.log import LogChannel
+
+    context = (
+        dict(RENDER_CONTEXT, colour=f"pink{line_break}green") if which == "full" else {}
+    )
+    template = compile_template(text)
+    for channel in (Channel("base"), LogChannel("log")):
+        general = _outcome(functools.partial(channel.render, template, context))
+        fast = _outcome(functools.partial(channel._renderer(template), context))
+        assert fast == general
+
+
+def test_a_channel_that_overrides_render_renders_through_it() -> None:
+    from .helpers import RecordingChannel
+
+    channel = RecordingChannel("rec")
+    template = compile_template("{colour}")
+
+    assert channel._renderer(template)({"colour": "pink"}) == "pink"
+    assert channel.templates == [template]

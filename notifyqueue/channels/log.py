@@ -52,6 +52,12 @@ class LogChannel(Channel):
             )
         return compile_template(template).render_one_line(context)
 
+    def _renderer(self, template: t.Any) -> t.Callable[[t.Mapping[str, t.Any]], t.Any]:
+        # What render() does with a compiled template, without its checks.
+        if isinstance(template, Template) and type(self).render is LogChannel.render:
+            return template.render_one_line
+        return super()._renderer(template)
+
     def send(self, intents: t.Sequence[Intent]) -> None:
         logger = self._logger
         if logger is None:
