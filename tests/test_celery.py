@@ -370,6 +370,8 @@ def test_an_intent_that_kills_its_worker_every_time_runs_out_of_attempts(
     # Redelivered once more, it is not tried a third time: it is dead.
     last = start(make_worker, config, celery_queue)
     wait_until(lambda: guard.outcome(intent.id) == "dead", 30, last.log_tail)
+    # The worker records the outcome, then logs, then sends intent_dead.
+    wait_until(lambda: signals_of(tmp_path, intent.id), 10, last.log_tail)
     assert "gave up: 2 attempt(s) of 2 never reported an outcome" in last.log_text()
     assert signals_of(tmp_path, intent.id) == ["intent_dead"]
     assert sent_lines(str(out)) == []
