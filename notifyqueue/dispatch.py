@@ -79,6 +79,11 @@ def record_batch(state: State, intents: list[Intent], result: BatchResult) -> bo
 
 def _groups(intents: list[Intent], state: State) -> list[tuple[str, list[Intent]]]:
     """Split a batch into channel batches, per ``NOTIFYQUEUE_ORDER``."""
+    if len(state.channels) == 1:
+        # Only an enabled channel of the app can be queued to (the wrapper
+        # and enqueue() refuse any other), and a batch holds one app's
+        # intents: with one channel they are all its, in call order.
+        return [(next(iter(state.channels)), intents)]
     if state.order == "call":
         runs: list[tuple[str, list[Intent]]] = []
         for intent in intents:
@@ -101,10 +106,15 @@ def _dispatch_group(
     app: Flask, state: State, name: str, group: list[Intent], result: BatchResult
 ) -> None:
     failures: dict[str, BaseException] = {}
-    # A copy: a receiver may disconnect itself while we iterate.
-    for receiver in list(signals.dispatch.receivers_for(name)):
+    for receiver in _receivers(name):
         try:
-            receiver(name, app=app, intents=list(group))
+            if receiver is deliver_to_channel:
+                # What it does, without its keyword call and state look-up.
+                channel = state.channels.get(name)
+                if channel is not None:
+                    channel.send(list(group))
+            else:
+                receiver(name, app=app, intents=list(group))
         except DeliveryError as exc:
             for intent_id, error in exc.failures.items():
                 failures.setdefault(intent_id, error)
@@ -142,6 +152,20 @@ def _dispatch_group(
             send_isolated(signals.intent_failed, app, intent=intent, exception=failure)
 
 
+def _receivers(name: str) -> t.Sequence[t.Callable[..., t.Any]]:
+    """The ``dispatch`` receivers for channel ``name``, as a list."""
+    receivers = signals.dispatch.receivers
+    if len(receivers) == 1 and next(iter(receivers.values())) is deliver_to_channel:
+        # Nothing but deliver_to_channel listens (held strongly: the value is
+        # the function itself), and it listens to every sender: receivers_for()
+        # would yield it alone, through a generator that builds a set of ids
+        # (1 µs a channel batch). Should blinker keep receivers otherwise,
+        # this test fails and the general way is taken.
+        return _LONE
+    # A copy: a receiver may disconnect itself while we iterate.
+    return list(signals.dispatch.receivers_for(name))
+
+
 def deliver_to_channel(sender: str, *, app: Flask, intents: list[Intent]) -> None:
     """The ``dispatch`` receiver that hands a channel batch to its channel."""
     channel = state_of(app).channels.get(sender)
@@ -150,6 +174,7 @@ def deliver_to_channel(sender: str, *, app: Flask, intents: list[Intent]) -> Non
 
 
 signals.dispatch.connect(deliver_to_channel, weak=False)
+_LONE = (deliver_to_channel,)
 
 
 def send_isolated(signal: NamedSignal, sender: t.Any, **kwargs: t.Any) -> None:

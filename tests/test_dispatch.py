@@ -187,3 +187,84 @@ def test_strict_mode_is_quiet_when_everything_was_delivered(make_app):
     with app.app_context():
         enqueue("rec", "fine")
         assert finalise().ok
+
+
+# -- the shortcuts agree with the general way -----------------------------------
+# With nothing but the channels' own receiver on ``dispatch``, a channel batch
+# is sent to its channel directly; with one channel, the batch is one group.
+
+
+def _outcome(result: t.Any) -> tuple[list[t.Any], list[tuple[t.Any, str]]]:
+    return (
+        [intent.payload for intent in result.dispatched],
+        [(intent.payload, str(exc)) for intent, exc in result.failed],
+    )
+
+
+@pytest.mark.parametrize("listening", [False, True], ids=["alone", "observed"])
+def test_a_channel_fails_the_same_whether_or_not_another_receiver_listens(
+    make_app: t.Callable[..., Flask], listening: bool
+) -> None:
+    app = make_app(NOTIFYQUEUE_CHANNELS=CHANNELS)
+    observed: list[str] = []
+
+    def observer(sender: str, *, app: Flask, intents: list[Intent]) -> None:
+        observed.append(sender)
+
+    with app.app_context():
+        if listening:
+            signals.dispatch.connect(observer)
+        try:
+            for payload in ("one", "poison", "three"):
+                enqueue("rec", payload)
+            enqueue("bad", "to bad")
+            result = finalise()
+        finally:
+            signals.dispatch.disconnect(observer)
+    assert _outcome(result) == (
+        ["one", "three"],
+        [("to bad", "channel bad is down"), ("poison", "refused 'poison'")],
+    )
+    assert channels(app)["rec"].sent == ["one", "three"]
+    assert observed == (["bad", "rec"] if listening else [])
+
+
+def test_a_disconnected_channel_receiver_delivers_nothing(app, rec, ctx) -> None:
+    from notifyqueue.dispatch import deliver_to_channel
+
+    signals.dispatch.disconnect(deliver_to_channel)
+    try:
+        enqueue("rec", "nobody delivers this")
+        result = finalise()
+    finally:
+        signals.dispatch.connect(deliver_to_channel, weak=False)
+    assert rec.sent == []
+    assert _outcome(result) == (["nobody delivers this"], [])  # no receiver failed
+    enqueue("rec", "delivered again")
+    finalise()
+    assert rec.sent == ["delivered again"]
+
+
+@pytest.mark.parametrize("order", ["channel", "call"])
+def test_one_channel_dispatches_as_the_general_grouping_would(
+    make_app: t.Callable[..., Flask], order: str
+) -> None:
+    payloads = ["a", "b", "c"]
+    results = []
+    for configured in (
+        {"rec": {"type": "tests.helpers:RecordingChannel"}},
+        {
+            "rec": {"type": "tests.helpers:RecordingChannel"},
+            "other": {"type": "tests.helpers:RecordingChannel"},
+        },
+    ):
+        app = make_app(NOTIFYQUEUE_CHANNELS=configured, NOTIFYQUEUE_ORDER=order)
+        with app.app_context():
+            for payload in payloads:
+                enqueue("rec", payload)
+            results.append(_outcome(finalise()))
+        assert [
+            [intent.payload for intent in batch]
+            for batch in channels(app)["rec"].batches
+        ] == [payloads]
+    assert results[0] == results[1] == (payloads, [])
