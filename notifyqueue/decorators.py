@@ -8,6 +8,7 @@ import inspect
 import types
 import typing as t
 
+from .context import get_context
 from .errors import (
     ArgumentTypeError,
     ChannelNotFound,
@@ -15,9 +16,12 @@ from .errors import (
     TemplateError,
 )
 from .extension import register_decorated
-from .queue import queue_rendered
-from .state import State, get_state
+from .intent import new_intent
+from .queue import Bound, queue_bound, queue_rendered
+from .signals import intent_queued
+from .state import EXTENSION_KEY, State, get_state
 from .templates import compile_templates, reads_every_field, template_fields
+from .transaction import BATCH_KEY, add_intents
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -133,35 +137,71 @@ class _Plan:
             self.steps.append((field, how, index, default))
         self.wants_result = "result" in fields
         self.name = name
+        self.context, self.render_with = _generate(
+            self.steps, self.wants_result, self.named, name
+        )
+        """``context(args, kwargs, result)``: the dict the templates are filled
+        from. ``render_with(render)``: a function of ``(args, kwargs, result)``
+        that builds that dict and returns ``render(context)``, in one frame."""
 
-    def context(
-        self, args: tuple[t.Any, ...], kwargs: dict[str, t.Any], result: t.Any
-    ) -> dict[str, t.Any]:
-        context: dict[str, t.Any] = {"result": result} if self.wants_result else {}
-        for field, how, index, default in self.steps:
-            if how is _POSITIONAL:
-                if index < len(args):
-                    context[field] = args[index]
-                else:
-                    context[field] = kwargs.get(field, default)
-            elif how is _KEYWORD:
-                context[field] = kwargs.get(field, default)
-            elif how is _POSITIONAL_ONLY:
-                context[field] = args[index] if index < len(args) else default
-            elif how is _VAR_POSITIONAL:
-                context[field] = args[index:]
-            elif how is _VAR_KEYWORD:
-                context[field] = {
-                    key: value for key, value in kwargs.items() if key not in self.named
-                }
-            else:
-                if field not in kwargs:
-                    raise TemplateError(
-                        f"{self.name}() was not passed {field!r}, which a template"
-                        " names; pass it as a keyword argument."
-                    )
-                context[field] = kwargs[field]
-        return context
+
+Context = t.Callable[[tuple[t.Any, ...], dict[str, t.Any], t.Any], dict[str, t.Any]]
+
+
+def _generate(
+    steps: list[tuple[str, int, int, t.Any]],
+    wants_result: bool,
+    named: frozenset[str],
+    name: str,
+) -> tuple[Context, t.Callable[[t.Callable[[t.Any], t.Any]], t.Callable[..., t.Any]]]:
+    """Generate the functions that build a call's context: one dict display.
+
+    A loop over ``steps`` that tested each step's kind per call cost twice
+    as much, and a separate call to build the context before rendering cost
+    a frame. Only ``repr()`` literals of field names and numbers reach the
+    source; defaults are passed in its namespace.
+    """
+    namespace: dict[str, t.Any] = {"_named": named, "_missing": _missing_field(name)}
+    entries = ["'result': result"] if wants_result else []
+    for number, (field, how, index, default) in enumerate(steps):
+        namespace[f"d{number}"] = default
+        key = repr(field)
+        if how is _POSITIONAL:
+            value = f"args[{index}] if n > {index} else kwargs.get({key}, d{number})"
+        elif how is _KEYWORD:
+            value = f"kwargs.get({key}, d{number})"
+        elif how is _POSITIONAL_ONLY:
+            value = f"args[{index}] if n > {index} else d{number}"
+        elif how is _VAR_POSITIONAL:
+            value = f"args[{index}:]"
+        elif how is _VAR_KEYWORD:
+            value = "{k: v for k, v in kwargs.items() if k not in _named}"
+        else:
+            value = f"kwargs[{key}] if {key} in kwargs else _missing({key})"
+        entries.append(f"{key}: {value}")
+    display = "{" + ", ".join(entries) + "}"
+    source = (
+        "def context(args, kwargs, result, /):\n"
+        "    n = len(args)\n"
+        f"    return {display}\n"
+        "def render_with(render, /):\n"
+        "    def rendered(args, kwargs, result, /):\n"
+        "        n = len(args)\n"
+        f"        return render({display})\n"
+        "    return rendered\n"
+    )
+    exec(compile(source, f"<notifyqueue context of {name}>", "exec"), namespace)
+    return namespace["context"], namespace["render_with"]
+
+
+def _missing_field(name: str) -> t.Callable[[str], t.NoReturn]:
+    def missing(field: str) -> t.NoReturn:
+        raise TemplateError(
+            f"{name}() was not passed {field!r}, which a template"
+            " names; pass it as a keyword argument."
+        )
+
+    return missing
 
 
 def deferred_notify(
@@ -235,8 +275,9 @@ def deferred_notify(
         plan = _Plan(fn, fields, every_field)
         source = plan.name
 
-        @functools.wraps(fn)
-        def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        def call(args: tuple[t.Any, ...], kwargs: dict[str, t.Any]) -> t.Any:
+            """The general way: a call with ``notify=``, or outside an app
+            context. The wrapper's fast path must agree with it."""
             notify = kwargs.pop("notify", True)
             if notify is True or notify is None:
                 selected, flush = every, every_flushes
@@ -268,6 +309,64 @@ def deferred_notify(
             queue_rendered(
                 app, state, selected, plan.context(args, kwargs, result), source
             )
+            return result
+
+        def bind(app: Flask, state: State | None) -> tuple[State, Bound]:
+            """Work out what the usual call queues in ``app``, and keep it there.
+
+            :raises LifecycleError: NotifyQueue is not initialised on ``app``.
+            :raises ChannelNotFound: ``app`` does not configure a channel this
+                function names (nothing is kept: every call raises).
+            """
+            if state is None:
+                _, state = get_state(app)
+            selected, flush = every, every_flushes
+            if any(name not in state.channels for name, _ in selected):
+                selected = _enabled(app, state, selected, source)
+                flush = any(name in result_readers for name, _ in selected)
+            bound = state.bound[plan] = Bound(plan, state, selected, flush)
+            return state, bound
+
+        @functools.wraps(fn)
+        def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
+            # The usual call: no notify=, inside an app context. What does not
+            # change between such calls in one app (the app's channels for
+            # this function, their renderers, the flush) is worked out once,
+            # by bind(), and kept in the app's state.
+            context = get_context(None)
+            if context is None or (kwargs and "notify" in kwargs):
+                return call(args, kwargs)
+            app = context.app
+            state = app.extensions.get(EXTENSION_KEY)
+            bound = None if state is None else state.bound.get(plan)
+            if bound is None or state is None:
+                state, bound = bind(app, state)
+            result = fn(*args, **kwargs)
+            if result is not None and _is_async_result(result):
+                _refuse_async_result(result, source)
+            if not bound.renderers or (when is not None and not when(result)):
+                return result
+            one = bound.one
+            if one is None or intent_queued.receivers:
+                queue_bound(bound, context, app, state, args, kwargs, result)
+                return result
+            # One channel and nothing to flush or check at queue time:
+            # queue_bound()'s steps, inline, as one frame (0.3 µs a call).
+            name, render = one
+            payload = render(args, kwargs, result)
+            sessions = state.context_sessions
+            session = None if sessions is None else sessions.get(id(context))
+            if session is None:
+                session = state.session.registry()
+            intent = new_intent(name, payload, source)
+            batch = session.info.get(BATCH_KEY)
+            # add_intents()'s fast path: see there why it is enough.
+            if batch is not None and batch.app is app and not batch.waiting:
+                owners = batch.owners
+                if owners and owners[-1][0] is context:
+                    batch.intents.append(intent)
+                    return result
+            add_intents(session, app, [intent], context)
             return result
 
         wrapper.__notifyqueue_templates__ = compiled  # type: ignore[attr-defined]

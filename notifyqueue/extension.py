@@ -12,6 +12,7 @@ from sqlalchemy.orm import scoped_session
 
 from .channels import Channel, resolve_channel_class
 from .cli import cli
+from .context import sessions_by_context
 from .delivery import MODES, DeliveryMode
 from .errors import ArgumentTypeError, ConfigurationError, LifecycleError, TemplateError
 from .outbox.policy import OPTIONS as RETRY_OPTIONS
@@ -130,6 +131,7 @@ def _state_from_config(
         retry=retry,
         outbox_lease=lease,
         outbox_retain=retain,
+        context_sessions=sessions_by_context(session),
     )
 
 

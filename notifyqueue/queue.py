@@ -6,14 +6,17 @@ import sys
 import typing as t
 
 from . import signals
+from .context import current_context
 from .errors import ChannelNotFound, DeliveryError
-from .intent import BatchResult, Intent
+from .intent import BatchResult, Intent, new_intent
 from .outbox.fast_path import check_payload
 from .state import State, get_state
 from .transaction import add_intents, current_batch
 
 if t.TYPE_CHECKING:
     from flask import Flask
+    from flask.ctx import AppContext
+    from sqlalchemy.orm import Session
 
 
 def queue_rendered(
@@ -28,23 +31,123 @@ def queue_rendered(
     All are rendered before any is queued, so a rendering error queues none.
     """
     channels = state.channels
-    intents = []
-    for name, template in templates:
-        intents.append(
-            Intent.new(name, channels[name].render(template, context), source)
+    intents = [
+        new_intent(name, channels[name].render(template, context), source)
+        for name, template in templates
+    ]
+    owner = current_context()
+    queue_intents(app, state, owner, session_of(state, owner), intents)
+    return intents
+
+
+class Bound:
+    """What a decorated function's usual call (no ``notify=``) queues in one app.
+
+    Worked out at its first such call there, and kept in the app's state:
+    the channels of its templates that the app enables, each with the
+    renderer its channel gives for the template
+    (:meth:`~notifyqueue.Channel._renderer`), and whether new objects are
+    flushed first (a template reads ``result``).
+
+    :param plan: the function's plan (its ``context``, ``render_with`` and
+        ``name``).
+    :param selected: ``(channel, template)`` for each enabled channel.
+    """
+
+    __slots__ = ("context", "source", "renderers", "flush", "one")
+
+    def __init__(
+        self,
+        plan: t.Any,
+        state: State,
+        selected: t.Iterable[tuple[str, t.Any]],
+        flush: bool,
+    ) -> None:
+        self.context: t.Callable[..., dict[str, t.Any]] = plan.context
+        self.source: str = plan.name
+        self.renderers = tuple(
+            (name, state.channels[name]._renderer(template))
+            for name, template in selected
         )
+        self.flush = flush
+        self.one: tuple[str, t.Callable[..., t.Any]] | None = None
+        """For one channel, with nothing to flush first nor to check at
+        queue time (not durable): its name and ``render(args, kwargs,
+        result)``, the wrapper's own path."""
+        if len(self.renderers) == 1 and not flush:
+            name, render = self.renderers[0]
+            if name not in state.durable:
+                self.one = (name, plan.render_with(render))
+
+
+def queue_bound(
+    bound: Bound,
+    owner: AppContext,
+    app: Flask,
+    state: State,
+    args: tuple[t.Any, ...],
+    kwargs: dict[str, t.Any],
+    result: t.Any,
+) -> None:
+    """:func:`queue_rendered` for a decorated function's usual call.
+
+    The same steps, with what does not change between calls taken from
+    ``bound``: each channel's renderer instead of ``Channel.render``'s
+    dispatch on the template's type.
+    """
+    sessions = state.context_sessions
+    session = None if sessions is None else sessions.get(id(owner))
+    if session is None:
+        session = state.session.registry()
+    if bound.flush and session.new:
+        session.flush()
+    values = bound.context(args, kwargs, result)
+    source = bound.source
+    renderers = bound.renderers
+    if len(renderers) == 1:  # no list comprehension's frame for the usual one
+        name, render = renderers[0]
+        intents = [new_intent(name, render(values), source)]
+    else:
+        intents = [
+            new_intent(name, render(values), source) for name, render in renderers
+        ]
+    if state.durable or signals.intent_queued.receivers:
+        queue_intents(app, state, owner, session, intents)
+        return
+    add_intents(session, app, intents, owner)
+
+
+def session_of(state: State, context: AppContext | None) -> Session:
+    """The session of ``state`` that is current in ``context`` (the current one)."""
+    sessions = state.context_sessions
+    if sessions is not None and context is not None:
+        session = sessions.get(id(context))
+        if session is not None:
+            return t.cast("Session", session)
+    # The registry directly: scoped_session.__call__ adds a frame and checks
+    # for keyword arguments we never pass.
+    return t.cast("Session", state.session.registry())
+
+
+def queue_intents(
+    app: Flask,
+    state: State,
+    owner: AppContext | None,
+    session: Session,
+    intents: list[Intent],
+) -> None:
+    """Check rendered intents, announce them, and add them to ``session``'s batch.
+
+    :param owner: the current app context, which they belong to.
+    """
     if state.durable:
         for intent in intents:
             if intent.channel in state.durable:
                 check_payload(intent)
-    # The registry directly: scoped_session.__call__ adds a frame and checks
-    # for keyword arguments we never pass.
-    session = state.session.registry()
     if signals.intent_queued.receivers:
         for intent in intents:
             signals.intent_queued.send(app, intent=intent)
-    add_intents(session, app, intents)
-    return intents
+    add_intents(session, app, intents, owner)
 
 
 def enqueue(channel: str, template: t.Any, /, **context: t.Any) -> Intent | None:

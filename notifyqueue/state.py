@@ -33,7 +33,7 @@ class Capture:
     dispatch: bool
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class State:
     """What NotifyQueue keeps for one app, read from its config in ``init_app``."""
 
@@ -63,6 +63,13 @@ class State:
     """``NOTIFYQUEUE_OUTBOX_LEASE``: seconds a claim (or the fast path) holds a row."""
     outbox_retain: float = 0.0
     """``NOTIFYQUEUE_OUTBOX_RETAIN``: seconds a delivered row is kept; 0 deletes it."""
+    context_sessions: dict[int, t.Any] | None = None
+    """Flask-SQLAlchemy's sessions by ``id()`` of their app context, where
+    ``session`` is scoped that way
+    (:func:`~notifyqueue.context.sessions_by_context`)."""
+    bound: dict[t.Any, t.Any] = dataclasses.field(default_factory=dict)
+    """A decorated function's plan -> what its usual call queues in this app,
+    worked out at its first call here (see :mod:`notifyqueue.decorators`)."""
 
     @property
     def single_mode(self) -> DeliveryMode | None:

@@ -39,7 +39,8 @@ if t.TYPE_CHECKING:
     from flask import Flask
     from flask.ctx import AppContext
 
-_KEY = "notifyqueue.batch"
+BATCH_KEY = _KEY = "notifyqueue.batch"
+"""The key of a session's batch in ``session.info``."""
 
 logger = logging.getLogger("notifyqueue")
 
@@ -87,7 +88,9 @@ class _Batch:
         self.result: BatchResult | None = None
 
 
-def add_intents(session: Session, app: Flask, intents: list[Intent]) -> None:
+def add_intents(
+    session: Session, app: Flask, intents: list[Intent], owner: AppContext | None
+) -> None:
     """Append rendered intents to the session's batch, creating it if needed.
 
     Like ``session.add()``, queueing begins the session's transaction if none
@@ -95,7 +98,25 @@ def add_intents(session: Session, app: Flask, intents: list[Intent]) -> None:
     ``close()`` or ``remove()`` that follows ends the batch with it. A session
     with ``autobegin=False`` is left alone: its intents wait for the
     transaction it begins next, unless it is closed or rolled back first.
+
+    :param owner: the app context they were queued in (:func:`current_context`).
     """
+    batch = session.info.get(_KEY)
+    # The usual call: the session already holds this app's batch, with an
+    # open transaction (a batch exists only inside one, or while it waits
+    # for one: ``waiting``), and this app context queued its last intents.
+    # Nothing to begin, create or record but the intents themselves.
+    if batch is not None and batch.app is app and not batch.waiting:
+        owners = batch.owners
+        if owners and owners[-1][0] is owner:
+            batch.intents.extend(intents)
+            return
+    _add_intents(session, app, intents, owner)
+
+
+def _add_intents(
+    session: Session, app: Flask, intents: list[Intent], owner: AppContext | None
+) -> None:
     waiting = not session.in_transaction()
     if waiting and session.autobegin:
         session.begin()
@@ -111,7 +132,6 @@ def add_intents(session: Session, app: Flask, intents: list[Intent]) -> None:
                 " session of its own."
             )
         batch.app = app
-    owner = current_context()
     owners = batch.owners
     if not owners or owners[-1][0] is not owner:
         owners.append((owner, len(batch.intents)))

@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import re
 import typing as t
+from datetime import datetime, timezone
 
 import pytest
 import sqlalchemy as sa
 from flask import Flask
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from notifyqueue import (
     ChannelNotFound,
@@ -1191,3 +1195,238 @@ def test_a_raw_payload_reaches_the_channels_render_untouched(
     assert rec.templates == [raw]
     assert rec.templates[0] is raw
     assert intent.payload == "p {color: red} {user.id}"
+
+
+# -- the usual call's fast path agrees with the general path -------------------
+# A call without notify= inside an app context takes the wrapper's fast path
+# (notifyqueue.queue.Bound: renderers and selection worked out once per app);
+# notify=True takes the general path (queue_rendered, Channel.render per
+# call). Whatever the two disagree on fails here.
+
+
+def _queued_now() -> list[tuple[str, t.Any, str]]:
+    """``(channel, payload, source)`` of the intents the session holds."""
+    from notifyqueue.transaction import current_batch
+
+    batch = current_batch(db.session())
+    return [(i.channel, i.payload, i.source) for i in batch.intents] if batch else []
+
+
+FAST_PATH_CHANNELS = {
+    "one channel": {"rec": {"type": "tests.helpers:RecordingChannel"}},
+    "one log channel": {"log": {"type": "log"}},
+    "two channels": {
+        "log": {"type": "log"},
+        "rec": {"type": "tests.helpers:RecordingChannel"},
+    },
+    "a disabled channel": {
+        "log": {"type": "log"},
+        "rec": {"type": "tests.helpers:RecordingChannel", "enabled": False},
+    },
+    "a durable channel": {
+        "log": {"type": "log", "durable": True},
+        "rec": {"type": "tests.helpers:RecordingChannel"},
+    },
+}
+
+
+@pytest.mark.parametrize("channels", list(FAST_PATH_CHANNELS))
+@pytest.mark.parametrize("listening", [False, True], ids=["", "intent_queued"])
+def test_the_usual_call_queues_what_notify_true_queues(
+    make_app: t.Callable[..., Flask], channels: str, listening: bool
+) -> None:
+    configured = FAST_PATH_CHANNELS[channels]
+    app = make_app(NOTIFYQUEUE_CHANNELS=configured)
+    templates = {
+        "log": "saved {item.name} ({item.name!r}) as {kind:>6}; line\nbreak",
+        "rec": "{kind}: {item.name} {extra[k]}",
+    }
+
+    @deferred_notify(**{name: templates[name] for name in configured})
+    def save(item: t.Any, kind: str = "plain", **extra: t.Any) -> None:
+        pass
+
+    values = ["a", "b\nforged line", "c\r", "{d}"]
+    heard: list[Intent] = []
+    listener = (
+        signals.intent_queued.connected_to(
+            lambda sender, intent: heard.append(intent), sender=app
+        )
+        if listening
+        else contextlib.nullcontext()
+    )
+    with app.app_context(), listener:
+        for value in values:
+            item = Froggy(1, value)
+            save(item, k=value)  # fast (the first call binds, the rest reuse)
+            fast = _queued_now()
+            db.session.rollback()
+            save(item, k=value, notify=True)  # the general path
+            general = _queued_now()
+            db.session.rollback()
+            assert fast == general
+            assert fast  # something was queued, each time
+    if listening:
+        assert len(heard) == 2 * len(values) * len(fast)
+
+
+def test_the_usual_call_and_notify_true_agree_on_ids_and_times(
+    ctx: None,
+) -> None:
+    @deferred_notify(rec="saved {name}")
+    def save(name: str) -> None:
+        pass
+
+    before = datetime.now(timezone.utc)
+    save("warm")
+    save("fast")
+    save("general", notify=True)
+    after = datetime.now(timezone.utc)
+    from notifyqueue.transaction import current_batch
+
+    intents = current_batch(db.session()).intents
+    ids = [intent.id for intent in intents]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    # One counter: the ids of both paths count up in call order.
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    assert all(before <= intent.created_at <= after for intent in intents)
+
+
+def test_the_usual_call_flushes_before_rendering_result_like_notify_true(
+    ctx: None,
+) -> None:
+    @deferred_notify(rec="added {result.id}")
+    def add(name: str) -> Item:
+        item = Item(name=name)
+        db.session.add(item)
+        return item
+
+    add("a")
+    add("b")
+    add("c", notify=True)
+
+    assert [payload for _, payload, _ in _queued_now()] == [
+        "added 1",
+        "added 2",
+        "added 3",
+    ]
+
+
+def test_the_usual_call_in_nested_app_contexts_keeps_each_contexts_intents(
+    tmp_path: t.Any,
+) -> None:
+    # A thread-local session outlives and spans app contexts: the fast path
+    # must record which context queued what, as the general path does.
+    from sqlalchemy.orm import scoped_session, sessionmaker
+
+    from notifyqueue import NotifyQueue
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'nested.db'}")
+    session = scoped_session(sessionmaker(bind=engine))
+    app = Flask("nested")
+    app.config["NOTIFYQUEUE_CHANNELS"] = {
+        "rec": {"type": "tests.helpers:RecordingChannel"}
+    }
+    NotifyQueue(app, session=session)
+    rec = app.extensions["notifyqueue"].channels["rec"]
+
+    @deferred_notify(rec="{name}")
+    def save(name: str) -> None:
+        pass
+
+    try:
+        with app.app_context():
+            assert app.extensions["notifyqueue"].context_sessions is None
+            save("outer 1")
+            save("outer 2")
+            with app.app_context():
+                save("inner 1")
+                save("inner 2")
+            save("outer 3")
+            session.commit()
+        assert rec.sent == ["outer 1", "outer 2", "outer 3"]
+    finally:
+        session.remove()
+        engine.dispose()
+
+
+@st.composite
+def _signatures_and_calls(
+    draw: st.DrawFn,
+) -> tuple[str, tuple[t.Any, ...], dict[str, t.Any]]:
+    """Source of a function of varied parameters, and arguments for one call."""
+    parts: list[str] = []
+    kinds = draw(
+        st.lists(st.sampled_from(["po", "pk", "pk=", "kw", "kw="]), max_size=5)
+    )
+    kinds.sort(key=lambda kind: ["po", "pk", "pk=", "kw", "kw="].index(kind))
+    names = [f"p{i}" for i in range(len(kinds))]
+    has_default = False
+    for name, kind in zip(names, kinds, strict=True):
+        if kind == "po":
+            parts.append(name)
+        elif kind.startswith("pk"):
+            if kind == "pk" and has_default:
+                kind = "pk="
+            has_default = has_default or kind == "pk="
+            parts.append(name + ("=-1" if kind == "pk=" else ""))
+    if "po" in kinds:
+        parts.insert(kinds.count("po"), "/")
+    varargs = draw(st.booleans())
+    keyword_only = [
+        name + ("=-2" if kind == "kw=" else "")
+        for name, kind in zip(names, kinds, strict=True)
+        if kind.startswith("kw")
+    ]
+    if varargs:
+        parts.append("*args")
+    elif keyword_only:
+        parts.append("*")
+    parts += keyword_only
+    varkw = draw(st.booleans())
+    if varkw:
+        parts.append("**kwargs")
+    source = f"def f({', '.join(parts)}):\n    return 0\n"
+    positional = draw(st.integers(0, 6))
+    args = tuple(range(100, 100 + positional))
+    keywords = draw(
+        st.lists(st.sampled_from([*names, "extra", "other"]), unique=True, max_size=4)
+    )
+    kwargs = {name: f"kw {name}" for name in keywords}
+    return source, args, kwargs
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(_signatures_and_calls())
+def test_the_generated_context_agrees_with_signature_bind(
+    case: tuple[str, tuple[t.Any, ...], dict[str, t.Any]],
+) -> None:
+    from notifyqueue.decorators import _Plan
+
+    source, args, kwargs = case
+    namespace: dict[str, t.Any] = {}
+    exec(source, namespace)
+    fn = namespace["f"]
+    signature = inspect.signature(fn)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        assume(False)
+    bound.apply_defaults()
+    varkw = next(
+        (p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD),
+        None,
+    )
+    fields = set(signature.parameters)
+    if varkw is not None:
+        fields |= {"extra", "other"} & set(bound.arguments[varkw])
+    plan = _Plan(fn, fields, every=False)
+    expected: dict[str, t.Any] = {}
+    for field in fields:
+        if field in bound.arguments:
+            expected[field] = bound.arguments[field]
+        else:  # a keyword that landed in **kwargs
+            expected[field] = bound.arguments[varkw][field]
+
+    assert plan.context(args, kwargs, 0) == expected
+    assert plan.render_with(lambda context: context)(args, dict(kwargs), 0) == expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import re
+import threading
 import typing as t
 
 import pytest
@@ -763,3 +764,65 @@ def test_init_app_checks_mail_templates_with_the_mail_channel(
     assert ".save()" in message
     assert "channel 'mail_checked'" in message
     assert "'subjct'" in message
+
+
+# -- the queue's session look-up ------------------------------------------------
+
+
+def test_the_queue_finds_the_session_db_session_gives(make_app) -> None:
+    # The queue reads Flask-SQLAlchemy's sessions by app context directly
+    # (State.context_sessions); it must find what db.session() would.
+    from notifyqueue.context import current_context
+    from notifyqueue.queue import session_of
+
+    app, other = make_app(), make_app()
+    found: list[bool] = []
+
+    def check(current: Flask) -> None:
+        state = current.extensions["notifyqueue"]
+        assert state.context_sessions is not None
+        session = session_of(state, current_context())  # first: it may create it
+        found.append(session is db.session())
+
+    with app.app_context():
+        check(app)
+        with app.app_context():  # a nested context has a session of its own
+            check(app)
+        with other.app_context():
+            check(other)
+        db.session.remove()
+        check(app)
+
+    def in_a_thread() -> None:
+        with app.app_context():
+            check(app)
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert found == [True] * 5
+
+
+def test_a_session_scoped_otherwise_is_found_through_its_scoped_session(
+    database_url: str,
+) -> None:
+    from flask_sqlalchemy import SQLAlchemy
+
+    from notifyqueue.context import current_context
+    from notifyqueue.queue import session_of
+
+    own = SQLAlchemy(session_options={"scopefunc": threading.get_ident})
+    app = Flask("scoped_by_thread")
+    app.config["SQLALCHEMY_DATABASE_URI"] = database_url
+    own.init_app(app)
+    NotifyQueue(app)
+    state = app.extensions["notifyqueue"]
+    try:
+        with app.app_context():
+            assert state.context_sessions is None
+            assert session_of(state, current_context()) is own.session()
+    finally:
+        own.session.remove()
+        with app.app_context():
+            own.engine.dispose()
