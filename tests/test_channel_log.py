@@ -326,3 +326,85 @@ def test_dict_template_raises_template_error_when_the_decorated_function_returns
     assert calls == ["a"]
     assert result.dispatched == []
     assert _messages(caplog, AUDIT_LOGGER) == []
+
+
+# -- records made without Logger.log() -------------------------------------------
+
+
+class _OwnLogger(logging.Logger):
+    """A logger class of its own: the channel logs through its log()."""
+
+    def findCaller(
+        self, stack_info: bool = False, stacklevel: int = 1
+    ) -> tuple[str, int, str, str | None]:
+        # This frame is one more to step over.
+        return super().findCaller(stack_info, stacklevel + 1)
+
+
+_RECORD_FIELDS = (
+    "name",
+    "msg",
+    "args",
+    "levelno",
+    "levelname",
+    "pathname",
+    "filename",
+    "module",
+    "funcName",
+    "exc_info",
+    "exc_text",
+    "stack_info",
+    "notifyqueue_intent",
+)
+
+
+@pytest.mark.parametrize("caller_lookup", [True, False], ids=["", "no _srcfile"])
+def test_a_record_is_what_logger_log_would_make(
+    make_app: t.Callable[..., Flask],
+    monkeypatch: pytest.MonkeyPatch,
+    caller_lookup: bool,
+) -> None:
+    # The channel makes records with makeRecord() and handle() itself, but
+    # for a logger class of its own; both kinds of record must read alike.
+    names = ["tests.audit.plain", "tests.audit.own"]
+    manager = logging.Logger.manager
+    monkeypatch.setattr(manager, "loggerClass", _OwnLogger)
+    own = logging.getLogger(names[1])
+    monkeypatch.setattr(manager, "loggerClass", None)
+    assert type(own) is _OwnLogger and type(logging.getLogger(names[0])) is not (
+        _OwnLogger
+    )
+    if not caller_lookup:
+        monkeypatch.setattr(logging, "_srcfile", None)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    app = make_app(
+        NOTIFYQUEUE_CHANNELS={
+            "plain": {"type": "log", "logger": names[0], "level": "WARNING"},
+            "own": {"type": "log", "logger": names[1], "level": "WARNING"},
+        }
+    )
+    for name in names:
+        logging.getLogger(name).addHandler(handler)
+    try:
+        with app.app_context():
+            enqueue("plain", "{x}% done", x=50)
+            enqueue("own", "{x}% done", x=50)
+            finalise()
+    finally:
+        for name in names:
+            logging.getLogger(name).removeHandler(handler)
+    plain, own_record = records
+    assert [plain.name, own_record.name] == names
+    for field in _RECORD_FIELDS:
+        if field not in ("name", "notifyqueue_intent"):
+            assert getattr(plain, field) == getattr(own_record, field), field
+    assert plain.getMessage() == "50% done"
+    if caller_lookup:
+        assert plain.funcName == "send"
+        assert plain.pathname.endswith("notifyqueue/channels/log.py")
+        assert plain.lineno > 0 and own_record.lineno > 0
+    else:
+        assert (plain.pathname, plain.lineno) == ("(unknown file)", 0)
+        assert (own_record.pathname, own_record.lineno) == ("(unknown file)", 0)
