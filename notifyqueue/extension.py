@@ -12,13 +12,13 @@ from sqlalchemy.orm import scoped_session
 
 from .channels import Channel, resolve_channel_class
 from .cli import cli
-from .context import sessions_by_context
+from .context import current_context, sessions_by_context
 from .delivery import MODES, DeliveryMode
 from .errors import ArgumentTypeError, ConfigurationError, LifecycleError, TemplateError
 from .outbox.policy import OPTIONS as RETRY_OPTIONS
 from .outbox.policy import RetryPolicy
 from .settings import seconds
-from .state import EXTENSION_KEY, State, state_of
+from .state import EXTENSION_KEY, State, existing_session, state_of
 from .transaction import begin_teardown, end_teardown, watch
 
 _ORDERS = ("channel", "call")
@@ -375,5 +375,4 @@ def _teardown(exc: BaseException | None) -> None:
 
 def _after_teardown(app: Flask, **kwargs: t.Any) -> None:
     """Once every teardown function has run, drop what the context queued."""
-    registry = state_of(app).session.registry
-    end_teardown(registry() if registry.has() else None)
+    end_teardown(existing_session(state_of(app), current_context()))

@@ -10,7 +10,7 @@ from .context import current_context
 from .errors import ChannelNotFound, DeliveryError
 from .intent import BatchResult, Intent, new_intent
 from .outbox.fast_path import check_payload
-from .state import State, get_state
+from .state import State, get_state, session_of
 from .transaction import add_intents, current_batch
 
 if t.TYPE_CHECKING:
@@ -117,18 +117,6 @@ def queue_bound(
     add_intents(session, app, intents, owner)
 
 
-def session_of(state: State, context: AppContext | None) -> Session:
-    """The session of ``state`` that is current in ``context`` (the current one)."""
-    sessions = state.context_sessions
-    if sessions is not None and context is not None:
-        session = sessions.get(id(context))
-        if session is not None:
-            return t.cast("Session", session)
-    # The registry directly: scoped_session.__call__ adds a frame and checks
-    # for keyword arguments we never pass.
-    return t.cast("Session", state.session.registry())
-
-
 def queue_intents(
     app: Flask,
     state: State,
@@ -201,7 +189,7 @@ def finalise(commit: bool = True) -> BatchResult:
         dispatch (the data is committed).
     """
     _, state = get_state()
-    session = state.session()
+    session = session_of(state, current_context())
     batch = current_batch(session)
     if not commit:
         session.rollback()

@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import typing as t
 
-from flask import current_app
-
+from .context import get_context
 from .errors import LifecycleError
 
 if t.TYPE_CHECKING:
     from flask import Flask
-    from sqlalchemy.orm import scoped_session
+    from flask.ctx import AppContext
+    from sqlalchemy.orm import Session, scoped_session
 
     from .channels import Channel
     from .delivery.base import DeliveryMode
@@ -90,13 +90,13 @@ def get_state(app: Flask | None = None) -> tuple[Flask, State]:
     :raises LifecycleError: outside an app context, or before ``init_app``.
     """
     if app is None:
-        try:
-            app = t.cast("Flask", current_app._get_current_object())  # type: ignore[attr-defined]
-        except RuntimeError:
+        context = get_context(None)  # what current_app reads, without its proxy
+        if context is None:
             raise LifecycleError(
                 "notifyqueue needs an application context: call it inside a request,"
                 " a CLI command, or `with app.app_context():`."
-            ) from None
+            )
+        app = context.app
     try:
         return app, app.extensions[EXTENSION_KEY]
     except KeyError:
@@ -104,3 +104,25 @@ def get_state(app: Flask | None = None) -> tuple[Flask, State]:
             f"NotifyQueue is not initialised on app {app.name!r}. Did you call"
             " init_app?"
         ) from None
+
+
+def session_of(state: State, context: AppContext | None) -> Session:
+    """The session of ``state`` that is current in ``context`` (the current
+    app context); made if there is none yet, as ``scoped_session()`` does."""
+    sessions = state.context_sessions
+    if sessions is not None and context is not None:
+        session = sessions.get(id(context))
+        if session is not None:
+            return t.cast("Session", session)
+    # The registry directly: scoped_session.__call__ adds a frame and checks
+    # for keyword arguments we never pass.
+    return t.cast("Session", state.session.registry())
+
+
+def existing_session(state: State, context: AppContext | None) -> Session | None:
+    """The session of ``state`` current in ``context``, if one was made."""
+    sessions = state.context_sessions
+    if sessions is not None and context is not None:
+        return t.cast("Session | None", sessions.get(id(context)))
+    registry = state.session.registry
+    return t.cast("Session", registry()) if registry.has() else None

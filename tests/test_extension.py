@@ -773,7 +773,7 @@ def test_the_queue_finds_the_session_db_session_gives(make_app) -> None:
     # The queue reads Flask-SQLAlchemy's sessions by app context directly
     # (State.context_sessions); it must find what db.session() would.
     from notifyqueue.context import current_context
-    from notifyqueue.queue import session_of
+    from notifyqueue.state import session_of
 
     app, other = make_app(), make_app()
     found: list[bool] = []
@@ -810,7 +810,7 @@ def test_a_session_scoped_otherwise_is_found_through_its_scoped_session(
     from flask_sqlalchemy import SQLAlchemy
 
     from notifyqueue.context import current_context
-    from notifyqueue.queue import session_of
+    from notifyqueue.state import session_of
 
     own = SQLAlchemy(session_options={"scopefunc": threading.get_ident})
     app = Flask("scoped_by_thread")
