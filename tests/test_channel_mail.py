@@ -1407,3 +1407,44 @@ def test_a_long_subject_is_folded_and_arrives_whole(
     [message] = smtp_server.messages
     assert message["Subject"] == subject
     assert max(len(line) for line in smtp_server.raw[0].split(b"\r\n")) <= 78
+
+
+# -- a decorated function's templates render without a second shape check ------
+
+
+@pytest.mark.parametrize(
+    ("template", "context"),
+    [
+        (TEMPLATE, {"name": "a"}),
+        ({"subject": "S {name}", "html": "<b>{name}</b>"}, {"name": "<i>&"}),
+        ({"subject": "S", "body": "b", "recipients": ["{to}"]}, {"to": "x@a.org"}),
+        ({"subject": "S", "body": "b", "cc": ["{to}"]}, {"to": "not an address"}),
+        ({"subject": "S {name}", "body": "b"}, {"name": "line\nbreak"}),
+        ({"subject": "S {name}", "body": "b"}, {}),
+        (
+            {"subject": "S", "body": "b", "reply_to": "{to}", "sender": "{to}"},
+            {"to": "r@a.org"},
+        ),
+        ({"subject": "S", "body": "{files}", "attachments": "files"}, {"files": []}),
+    ],
+)
+def test_a_mail_renderer_agrees_with_render(
+    make_app: t.Callable[..., Flask], template: dict[str, t.Any], context: t.Any
+) -> None:
+    from notifyqueue.templates import compile_templates
+
+    app = make_app(NOTIFYQUEUE_CHANNELS=_channels())
+    channel = app.extensions["notifyqueue"].channels["mail"]
+    compiled = compile_templates(template, "test")
+    channel.check_template(compiled)
+
+    def outcome(render: t.Callable[[], t.Any]) -> tuple[t.Any, ...]:
+        try:
+            return ("rendered", render())
+        except Exception as exc:
+            return ("refused", type(exc), str(exc))
+
+    with app.app_context():
+        general = outcome(lambda: channel.render(compiled, context))
+        fast = outcome(lambda: channel._renderer(compiled)(context))
+    assert fast == general

@@ -67,7 +67,8 @@ class Channel:
     def _renderer(self, template: t.Any) -> t.Callable[[t.Mapping[str, t.Any]], t.Any]:
         """Return what renders ``template`` from a context, as :meth:`render` does.
 
-        Asked once per app and decorated function, not per call. Where
+        Asked once per app and decorated function, not per call, for a
+        template that :meth:`check_template` accepted. Where
         ``render`` is not overridden and the template is a compiled
         :class:`~notifyqueue.templates.Template`, that is the template's own
         filler: the same text and errors as :meth:`render`, one call instead

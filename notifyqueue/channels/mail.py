@@ -191,6 +191,25 @@ class MailChannel(Channel):
         problem = _shape_problem(template, raw)
         if problem is not None:
             raise TemplateError(f"Channel {self.name!r} (mail): {problem}")
+        return self._render_checked(template, context, raw)
+
+    def _renderer(self, template: t.Any) -> t.Callable[[t.Mapping[str, t.Any]], t.Any]:
+        # A decorated function's template, whose shape check_template()
+        # accepted when this app met the function: render() without checking
+        # it again at every call.
+        if (
+            type(self).render is MailChannel.render
+            and type(self).check_template is MailChannel.check_template
+            and isinstance(template, Mapping)
+        ):
+            return functools.partial(self._render_checked, template, raw=False)
+        return super()._renderer(template)
+
+    def _render_checked(
+        self, template: t.Mapping[str, t.Any], context: t.Mapping[str, t.Any], raw: bool
+    ) -> dict[str, t.Any]:
+        """:meth:`render` of a template (or a Raw payload's value) whose shape
+        :func:`_shape_problem` accepted."""
         where = "the Raw payload's" if raw else "the template's"
 
         def text(value: t.Any) -> str:
