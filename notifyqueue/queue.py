@@ -95,10 +95,7 @@ def queue_bound(
     ``bound``: each channel's renderer instead of ``Channel.render``'s
     dispatch on the template's type.
     """
-    sessions = state.context_sessions
-    session = None if sessions is None else sessions.get(id(owner))
-    if session is None:
-        session = state.session.registry()
+    session = session_of(state, owner)
     if bound.flush and session.new:
         session.flush()
     values = bound.context(args, kwargs, result)

@@ -39,7 +39,7 @@ if t.TYPE_CHECKING:
     from flask import Flask
     from flask.ctx import AppContext
 
-BATCH_KEY = _KEY = "notifyqueue.batch"
+BATCH_KEY = "notifyqueue.batch"
 """The key of a session's batch in ``session.info``."""
 
 logger = logging.getLogger("notifyqueue")
@@ -101,7 +101,7 @@ def add_intents(
 
     :param owner: the app context they were queued in (:func:`current_context`).
     """
-    batch = session.info.get(_KEY)
+    batch = session.info.get(BATCH_KEY)
     # The usual call: the session already holds this app's batch, with an
     # open transaction (a batch exists only inside one, or while it waits
     # for one: ``waiting``), and this app context queued its last intents.
@@ -121,9 +121,9 @@ def _add_intents(
     if waiting and session.autobegin:
         session.begin()
         waiting = False
-    batch = session.info.get(_KEY)
+    batch = session.info.get(BATCH_KEY)
     if batch is None:
-        batch = session.info[_KEY] = _Batch(app)
+        batch = session.info[BATCH_KEY] = _Batch(app)
     elif batch.app is not app:
         if batch.app is not None:
             raise LifecycleError(
@@ -142,7 +142,7 @@ def _add_intents(
 
 def current_batch(session: Session) -> _Batch | None:
     """Return the batch the session's current or next transaction carries."""
-    return session.info.get(_KEY)
+    return session.info.get(BATCH_KEY)
 
 
 # App contexts whose teardown has begun: a session closed meanwhile (by
@@ -174,7 +174,7 @@ def end_teardown(session: Session | None) -> None:
 
 
 def _discard_owned(session: Session, owner: AppContext | None, reason: str) -> None:
-    batch: _Batch | None = session.info.get(_KEY)
+    batch: _Batch | None = session.info.get(BATCH_KEY)
     if batch is None:
         return
     position = next(
@@ -197,7 +197,7 @@ def _discard_owned(session: Session, owner: AppContext | None, reason: str) -> N
 
 
 def _pop_batch(session: Session) -> _Batch | None:
-    batch: _Batch | None = session.info.pop(_KEY, None)
+    batch: _Batch | None = session.info.pop(BATCH_KEY, None)
     if batch is not None and batch.waiting:
         _stop_waiting(session, batch)
     return batch
@@ -278,18 +278,18 @@ _watched: weakref.WeakSet[type[Session]] = weakref.WeakSet()
 
 def _on_transaction_create(session: Session, transaction: SessionTransaction) -> None:
     if transaction.nested:
-        batch = session.info.get(_KEY)
+        batch = session.info.get(BATCH_KEY)
         if batch is None:
-            batch = session.info[_KEY] = _Batch(None)
+            batch = session.info[BATCH_KEY] = _Batch(None)
         batch.marks[transaction] = len(batch.intents)
     elif transaction.parent is None:
-        batch = session.info.get(_KEY)
+        batch = session.info.get(BATCH_KEY)
         if batch is not None and batch.waiting:
             _stop_waiting(session, batch)  # it has its transaction now
 
 
 def _on_before_commit(session: Session) -> None:
-    batch = session.info.get(_KEY)
+    batch = session.info.get(BATCH_KEY)
     if batch is not None and not session.in_nested_transaction():
         batch.committing = True
         if batch.intents:
@@ -297,17 +297,17 @@ def _on_before_commit(session: Session) -> None:
 
 
 def _on_after_commit(session: Session) -> None:
-    batch = session.info.get(_KEY)
+    batch = session.info.get(BATCH_KEY)
     if batch is None:
         # Recorded even with nothing queued: another after_commit listener,
         # run after this one, may queue, and that joins this commit too.
-        batch = session.info[_KEY] = _Batch(None)
+        batch = session.info[BATCH_KEY] = _Batch(None)
     # A savepoint release fires this too: record which transaction it was.
     batch.committed = session.get_nested_transaction() or session.get_transaction()
 
 
 def _on_after_rollback(session: Session) -> None:
-    batch = session.info.get(_KEY)
+    batch = session.info.get(BATCH_KEY)
     if batch is None:
         return
     savepoint = session.get_nested_transaction()
@@ -342,7 +342,7 @@ def _on_transaction_end(session: Session, transaction: SessionTransaction) -> No
 
 
 def _end_savepoint(session: Session, transaction: SessionTransaction) -> None:
-    batch = session.info.get(_KEY)
+    batch = session.info.get(BATCH_KEY)
     if batch is None:
         return
     mark = batch.marks.pop(transaction, None)
