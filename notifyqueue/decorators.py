@@ -145,7 +145,7 @@ class _Plan:
         that builds that dict and returns ``render(context)``, in one frame."""
 
 
-Context = t.Callable[[tuple[t.Any, ...], dict[str, t.Any], t.Any], dict[str, t.Any]]
+_Context = t.Callable[[tuple[t.Any, ...], dict[str, t.Any], t.Any], dict[str, t.Any]]
 
 
 def _generate(
@@ -153,7 +153,7 @@ def _generate(
     wants_result: bool,
     named: frozenset[str],
     name: str,
-) -> tuple[Context, t.Callable[[t.Callable[[t.Any], t.Any]], t.Callable[..., t.Any]]]:
+) -> tuple[_Context, t.Callable[[t.Callable[[t.Any], t.Any]], t.Callable[..., t.Any]]]:
     """Generate the functions that build a call's context: one dict display.
 
     A loop over ``steps`` that tested each step's kind per call cost twice
