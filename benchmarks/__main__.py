@@ -2,6 +2,9 @@
 
 Prints a table, writes ``benchmarks.json`` and, if matplotlib is installed
 (``pip install -e ".[bench]"``), draws ``benchmarks.png`` in ``--out``.
+B1 instructions counts B1 under valgrind's callgrind (see
+:mod:`benchmarks.instructions`; skipped, saying why, without valgrind): about
+a minute and a half with ``--quick``, ten minutes without.
 B5 spends about a second on each of its inline requests (5 with ``--quick``,
 10 without), as its SMTP server stalls that long. B6 drains 20,000 outbox
 rows per run (1,000 with ``--quick``). B7 (Celery) needs Redis
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from . import cases, celery_cases
+from . import cases, celery_cases, instructions
 
 PACKAGES = [
     "notifyqueue",
@@ -117,6 +120,7 @@ def _run(quick: bool, sqlite: str, drainer_sqlite: str) -> dict[str, t.Any]:
         results["B1"] = cases.b1_per_intent(
             sqlite, [1, 10, 100, 1000], repeats, budget=0.01 if quick else 0.2
         )
+        results["B1 instructions"] = instructions.b1_instructions(quick)
         results["B2"] = {
             name: cases.b2_request_overhead(url, 20 if quick else 300, repeats)
             for name, url in databases.items()
@@ -183,20 +187,26 @@ def table(results: dict[str, t.Any]) -> str:
         return f"{spread['median']:.2f}x ({spread['min']:.2f}–{spread['max']:.2f})"
 
     m = results["machine"]
+    b1_rows = results["B1"]["rows"]
+    # Notifyqueue's whole transaction over the naive queue's, where B1 has it.
+    wholes = [row.get("whole transaction ratio") for row in b1_rows]
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}",
         "Packages: " + ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v),
         "",
         "B1 per-intent cost (median, min–max), SQLite",
         f"{'intents':>8} {'bare transaction':>28} {'notifyqueue':>30}"
-        f" {'naive':>30}  ratio",
+        f" {'naive':>30}  {'ratio':<22}"
+        + ("  whole transaction ratio" if any(wholes) else ""),
     ]
-    for row in results["B1"]["rows"]:
+    for row, whole in zip(b1_rows, wholes, strict=True):
         lines.append(
             f"{row['intents']:>8} {us(row['bare transaction']):>28}"
             f" {us(row['notifyqueue per intent']):>30}"
-            f" {us(row['naive per intent']):>30}  {x(row['ratio'])}"
+            f" {us(row['naive per intent']):>30}  {x(row['ratio']):<22}"
+            + (f"  {x(whole)}" if whole else "")
         )
+    lines += ["", *b1_instructions_table(results["B1 instructions"])]
 
     def statements(part: dict[str, list[str]]) -> str:
         inside = len(part["in the transaction"])
@@ -274,6 +284,41 @@ def table(results: dict[str, t.Any]) -> str:
         )
     lines += ["", *b7_table(results["B7"], us, ms_range, per_second, x)]
     return "\n".join(lines)
+
+
+def b1_instructions_table(b1: dict[str, t.Any]) -> list[str]:
+    if "skipped" in b1:
+        return [f"B1 instructions skipped: {b1['skipped']}"]
+
+    def count(value: float | None) -> str:
+        return "—" if value is None else f"{value:,.0f}"
+
+    lines = [
+        f"B1 instructions per intent (callgrind, {b1['valgrind']}), SQLite",
+        f"{'intents':>8} {'T1/T2':>11} {'bare transaction':>17} {'notifyqueue':>12}"
+        f" {'naive':>12} {'Django':>12}  ratio  whole",
+    ]
+    for row in b1["rows"]:
+        t1, t2 = row["transactions"]
+        whole = row.get("whole transaction ratio")
+        lines.append(
+            f"{row['intents']:>8} {f'{t1}/{t2}':>11}"
+            f" {count(row['instructions per transaction']['bare']):>17}"
+            f" {count(row['notifyqueue per intent']):>12}"
+            f" {count(row['naive per intent']):>12}"
+            f" {count(row['django per intent']):>12}"
+            f"  {row['ratio']:.2f}x" + (f"  {whole:.2f}x" if whole else "")
+        )
+    lines.append(
+        "  ratio: notifyqueue's per intent over the naive queue's; whole:"
+        " notifyqueue's whole transaction over the naive queue's"
+    )
+    if "repeated run" in b1:
+        first, second = b1["repeated run"]["instructions"]
+        lines.append(f"  one run counted twice: {first:,} and {second:,} instructions")
+    if "django skipped" in b1:
+        lines.append(f"  Django skipped: {b1['django skipped']}")
+    return lines
 
 
 def b7_table(
