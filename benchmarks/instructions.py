@@ -34,7 +34,7 @@ What a count does depend on is where objects land in memory: CPython's type
 attribute cache is keyed by the addresses of names, and its allocator takes
 other paths as its pools fill. A change that should not matter (another
 checkout path, one more environment variable) moves a per-intent figure by
-up to 3%, to a figure that then repeats as exactly: read smaller differences
+up to 4%, to a figure that then repeats as exactly: read smaller differences
 between machines or checkouts as noise.
 """
 
