@@ -428,3 +428,60 @@ def test_long_lived_extension_objects_keep_no_dropped_app_alive(
     refs = use_and_drop_an_app(database_url, db, shared_notify)
     del refs["session class"]
     assert_dead(refs)
+
+
+@contextlib.contextmanager
+def _collector_off() -> t.Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def test_queueing_and_delivering_leave_no_reference_cycles(
+    make_app: t.Callable[..., Flask],
+) -> None:
+    """What refcounting frees at once costs nothing later: a cycle (a frame
+    kept in its own local variable, say) would hold a request's whole stack
+    until the garbage collector found it."""
+    app = make_app(
+        MAIL_SUPPRESS_SEND=True,
+        NOTIFYQUEUE_CHANNELS={
+            "log": {"type": "log", "logger": "tests.memory.cycles"},
+            "mail": {"type": "mail", "recipients": ["a@example.com"]},
+            "null": NULL["null"],
+        },
+    )
+    logger = logging.getLogger("tests.memory.cycles")
+    handler = logging.NullHandler()
+    logger.addHandler(handler)
+
+    @deferred_notify(log="saved {name}", mail={"subject": "Saved", "body": "{name}"})
+    def save(name: str) -> None:
+        pass
+
+    @deferred_notify(null="saved {name}")
+    def save_quietly(name: str) -> None:
+        pass
+
+    def transaction(number: int) -> None:
+        save(f"a{number}")  # the usual call, two channels
+        save_quietly(f"b{number}")  # the usual call, one channel
+        save(f"c{number}", notify=True)  # the general path
+        enqueue("null", "enqueued {n}", n=number)
+        assert finalise().ok
+
+    try:
+        with app.app_context():
+            transaction(0)  # first calls: what is made once
+            with _collector_off():
+                gc.collect()
+                for number in range(1, 51):
+                    transaction(number)
+                unreachable = gc.collect()
+    finally:
+        logger.removeHandler(handler)
+    assert unreachable == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import types
 import typing as t
 
 from ..errors import DeliveryError, TemplateError
@@ -82,10 +83,8 @@ class LogChannel(Channel):
         # findCaller(): its walk up the stack was a third of each record's
         # cost, and would stop here anyway. The record names this file,
         # function and line, as logging would.
-        frame = sys._getframe()
         if logging._srcfile:
-            code = frame.f_code
-            filename, line, function = code.co_filename, frame.f_lineno, code.co_name
+            filename, line, function = _where(sys._getframe())
         else:  # caller look-up turned off: what logging records then
             filename, line, function = "(unknown file)", 0, "(unknown function)"
         name = logger.name
@@ -102,6 +101,17 @@ class LogChannel(Channel):
                 failures[intent.id] = exc
         if failures:
             raise DeliveryError(failures)
+
+
+def _where(frame: types.FrameType) -> tuple[str, int, str]:
+    """The file, line and function of ``frame``.
+
+    A function of its own, so that no frame holds itself in a local
+    variable: that cycle would keep the whole stack of the request alive
+    until the garbage collector found it.
+    """
+    code = frame.f_code
+    return code.co_filename, frame.f_lineno, code.co_name
 
 
 def _plain(logger: logging.Logger) -> bool:
