@@ -84,7 +84,7 @@ class LogChannel(Channel):
         # cost, and would stop here anyway. The record names this file,
         # function and line, as logging would.
         if logging._srcfile:
-            filename, line, function = _where(sys._getframe())
+            filename, line, function = _location or _where(sys._getframe())
         else:  # caller look-up turned off: what logging records then
             filename, line, function = "(unknown file)", 0, "(unknown function)"
         name = logger.name
@@ -103,15 +103,22 @@ class LogChannel(Channel):
             raise DeliveryError(failures)
 
 
+_location: tuple[str, int, str] | None = None
+"""Where :meth:`LogChannel.send` makes its records, once known."""
+
+
 def _where(frame: types.FrameType) -> tuple[str, int, str]:
-    """The file, line and function of ``frame``.
+    """The file, line and function of ``frame``, kept in :data:`_location`
+    (working out a frame's line walks its code's line table).
 
     A function of its own, so that no frame holds itself in a local
     variable: that cycle would keep the whole stack of the request alive
     until the garbage collector found it.
     """
+    global _location
     code = frame.f_code
-    return code.co_filename, frame.f_lineno, code.co_name
+    _location = (code.co_filename, frame.f_lineno, code.co_name)
+    return _location
 
 
 def _plain(logger: logging.Logger) -> bool:

@@ -392,9 +392,13 @@ class MailChannel(Channel):
         Flask-Mail's ``Connection.send`` in steps, so that an exception is
         attributed to the step that raised it.
         """
+        host = connection.host
+        if host is None and not email_dispatched.receivers:
+            # Suppressed (MAIL_SUPPRESS_SEND, as in testing) and nobody
+            # records messages: no one would see the Message built.
+            return
         message = self._message(intent)
         message.date = time.time()
-        host = connection.host
         if host is not None:
             sender = address_of(message.sender)
             # Bcc addresses go in the envelope only, never in a header.
