@@ -80,9 +80,9 @@ def record_batch(state: State, intents: list[Intent], result: BatchResult) -> bo
 def _groups(intents: list[Intent], state: State) -> list[tuple[str, list[Intent]]]:
     """Split a batch into channel batches, per ``NOTIFYQUEUE_ORDER``."""
     if len(state.channels) == 1:
-        # Only an enabled channel of the app can be queued to (the wrapper
-        # and enqueue() refuse any other), and a batch holds one app's
-        # intents: with one channel they are all its, in call order.
+        # Only the app's enabled channels' intents reach dispatch: the queue
+        # refuses any other channel, the drainer claims only their rows and
+        # the Celery task refuses any other. With one, they are all its.
         return [(next(iter(state.channels)), intents)]
     if state.order == "call":
         runs: list[tuple[str, list[Intent]]] = []
