@@ -100,18 +100,10 @@ def queue_bound(
         session.flush()
     values = bound.context(args, kwargs, result)
     source = bound.source
-    renderers = bound.renderers
-    if len(renderers) == 1:  # no list comprehension's frame for the usual one
-        name, render = renderers[0]
-        intents = [new_intent(name, render(values), source)]
-    else:
-        intents = [
-            new_intent(name, render(values), source) for name, render in renderers
-        ]
-    if state.durable or signals.intent_queued.receivers:
-        queue_intents(app, state, owner, session, intents)
-        return
-    add_intents(session, app, intents, owner)
+    intents = [
+        new_intent(name, render(values), source) for name, render in bound.renderers
+    ]
+    queue_intents(app, state, owner, session, intents)
 
 
 def queue_intents(
